@@ -1,0 +1,108 @@
+"""The worker's configuration: read once from the environment, validated whole.
+
+Rules:
+- `WorkerConfig.from_env()` is the only place that reads the worker's
+  variables; everything else receives the typed object.
+- Every problem is reported at once, one line per variable, and no line ever
+  repeats a value: a misplaced key must not end up in a log.
+- This module does not import vLLM, so checking configuration is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+import protocol
+
+# Chosen so that one worker keeps enough sequences in flight for continuous
+# batching to fill a GPU (decode throughput flattens out around 32-64
+# sequences for 7-8B models), while more jobs stay in RunPod's queue where its
+# autoscaler sees them and another worker can take them.
+DEFAULT_MAX_CONCURRENCY = 64
+
+
+class ConfigError(ValueError):
+    """The environment does not describe a worker that can start."""
+
+
+class WorkerConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+    models: tuple[str, ...] = Field(alias="MODELS", min_length=1)
+    encryption_key: str = Field(alias="ENCRYPTION_KEY", repr=False)
+    gpu_memory_utilization: float = Field(0.95, alias="GPU_MEMORY_UTILIZATION", gt=0, le=1)
+    max_model_len: int | None = Field(None, alias="MAX_MODEL_LEN", ge=1)
+    dtype: str = Field("auto", alias="DTYPE", min_length=1)
+    tensor_parallel_size: int | None = Field(None, alias="TENSOR_PARALLEL_SIZE", ge=1)
+    engine_args: dict[str, Any] = Field(default_factory=dict, alias="ENGINE_ARGS")
+    max_concurrency: int = Field(DEFAULT_MAX_CONCURRENCY, alias="MAX_CONCURRENCY", ge=1)
+    # The runpod SDK's own variable: at DEBUG it logs every job's input and
+    # output (ciphertexts), so only quieter levels are accepted.
+    runpod_log_level: Literal["INFO", "WARN", "ERROR"] = Field("INFO", alias="RUNPOD_LOG_LEVEL")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("encryption_key")
+    @classmethod
+    def _check_key(cls, value: str) -> str:
+        protocol.load_keys(value)  # its ValueError never repeats the key
+        return value
+
+    @field_validator("engine_args", mode="before")
+    @classmethod
+    def _parse_engine_args(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise ValueError('must be a JSON object, e.g. {"enforce_eager": true}') from None
+        if not isinstance(value, dict):
+            raise ValueError('must be a JSON object, e.g. {"enforce_eager": true}')
+        return value
+
+    @field_validator("runpod_log_level", mode="before")
+    @classmethod
+    def _quiet_sdk(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.upper() not in ("INFO", "WARN", "ERROR"):
+            raise ValueError(
+                "must be INFO, WARN or ERROR: at more verbose levels the runpod SDK "
+                "logs every job's input and output"
+            )
+        return value.upper() if isinstance(value, str) else value
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> WorkerConfig:
+        environ = os.environ if environ is None else environ
+        names = [field.alias for field in cls.model_fields.values()]
+        # An empty variable counts as unset, as RunPod's console leaves them.
+        values = {name: environ[name] for name in names if environ.get(name, "").strip()}
+        if "ENCRYPTION_KEY" not in values:
+            # Let the key's own check explain what a valid key looks like.
+            values["ENCRYPTION_KEY"] = ""
+        try:
+            return cls.model_validate(values)
+        except ValidationError as error:
+            raise ConfigError(_describe(error)) from None
+
+
+def _describe(error: ValidationError) -> str:
+    lines = ["invalid worker configuration:"]
+    for detail in error.errors(include_input=False, include_url=False):
+        name = detail["loc"][0] if detail["loc"] else "environment"
+        message = detail["msg"].removeprefix("Value error, ")
+        if detail["type"] == "missing":
+            message = f"{name} is required"
+        elif not message.startswith(str(name)):
+            message = f"{name}: {message}"
+        lines.append(f"  {message}")
+    return "\n".join(lines)

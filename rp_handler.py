@@ -1,0 +1,236 @@
+"""RunPod serverless entry point: one vLLM engine, encrypted streaming jobs.
+
+`python3 rp_handler.py` starts the worker exactly as the container does.
+
+Rules:
+- Configuration is read once (`config.WorkerConfig`); the key, the model and
+  the engine are checked before the first job is taken, and the process exits
+  non-zero with a clear message if any of them fails.
+- `Worker.handler` is an async generator, so every job shares one event loop
+  and one engine (continuous batching). Each yielded item is one encrypted
+  delta. The SDK posts it before resuming us while the engine keeps
+  accumulating deltas, so a slow network coalesces tokens and loses none.
+- A job fails only by yielding `{"error": "<CODE>: <reason>"}`: never by
+  raising (the SDK would put a traceback into the job's error) and never
+  inside successful output.
+- Nothing from a request or its completion is logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import torch
+from vllm import AsyncEngineArgs, SamplingParams
+from vllm.engine.async_llm_engine import AsyncLLMEngine
+from vllm.exceptions import VLLMClientError, VLLMValidationError
+from vllm.renderers import ChatParams
+from vllm.renderers.inputs.preprocess import parse_model_prompt
+from vllm.sampling_params import RequestOutputKind
+
+import utils
+from config import ConfigError, WorkerConfig
+from protocol import Channel, ErrorCode, ProtocolError, Request, StreamItem, Usage
+
+log = logging.getLogger("worker")
+
+# Engine arguments that have their own variable, or that would log prompts.
+_RESERVED_ENGINE_ARGS = {
+    "model",
+    "gpu_memory_utilization",
+    "max_model_len",
+    "dtype",
+    "tensor_parallel_size",
+    "enable_log_requests",
+}
+# What vLLM's renderer names the prompt in its "longer than the context" errors.
+_PROMPT_LENGTH_PARAMETERS = ("input_text", "input_tokens")
+
+
+class Worker:
+    """Serves jobs on one engine; holds no other state."""
+
+    def __init__(self, engine: AsyncLLMEngine, channel: Channel):
+        self.engine = engine
+        self.channel = channel
+        model_config = engine.model_config
+        self.max_model_len: int = model_config.max_model_len
+        # The model's own defaults (generation_config.json), as `vllm serve` applies them.
+        self.default_sampling = model_config.get_diff_sampling_param()
+        self.chat_params = ChatParams(
+            chat_template_kwargs={"add_generation_prompt": True, "continue_final_message": False}
+        )
+        # The chat template writes BOS itself, as in vLLM's chat API.
+        self.chat_tokenize = engine.renderer.default_chat_tok_params.with_kwargs(
+            add_special_tokens=False
+        )
+
+    async def handler(self, job: dict) -> AsyncIterator[dict]:
+        """A RunPod job in, encrypted stream items out."""
+        try:
+            request = self.channel.open_request(job.get("input"))
+            async for item in self.generate(request, request_id=str(job["id"])):
+                yield self.channel.seal_item(item)
+        except ProtocolError as error:
+            log.info("job %s failed: %s", job.get("id"), error.code.value)
+            yield {"error": str(error)}
+
+    async def generate(self, request: Request, request_id: str) -> AsyncIterator[StreamItem]:
+        """Plaintext deltas of one request; the last carries finish_reason and usage."""
+        engine_input = await self._render(request)
+        params = self._sampling_params(request)
+        self._check_fits_context(engine_input, params)
+        completion_tokens = 0
+        try:
+            async for output in self.engine.generate(engine_input, params, request_id):
+                delta = output.outputs[0]
+                completion_tokens += len(delta.token_ids)
+                if output.finished:
+                    usage = Usage(len(output.prompt_token_ids), completion_tokens)
+                    yield StreamItem(delta.text, delta.finish_reason, usage)
+                elif delta.text:
+                    yield StreamItem(delta.text)
+        except (VLLMClientError, ValueError) as error:
+            log.info("engine refused request %s: %s", request_id, type(error).__name__)
+            raise ProtocolError(ErrorCode.INVALID_INPUT, "the engine refused the request") from None
+        except Exception as error:
+            log.error("generation failed for %s: %s", request_id, type(error).__name__)
+            raise ProtocolError(ErrorCode.ENGINE_ERROR, "generation failed") from None
+
+    async def _render(self, request: Request) -> dict:
+        renderer = self.engine.renderer
+        try:
+            if request.prompt is not None:
+                prompt = parse_model_prompt(self.engine.model_config, request.prompt)
+                (engine_input,) = await renderer.render_cmpl_async([prompt])
+            else:
+                messages = [message.model_dump() for message in request.messages]
+                _, (engine_input,) = await renderer.render_chat_async(
+                    [messages], self.chat_params, self.chat_tokenize
+                )
+        except Exception as error:
+            raise self._render_refusal(error) from None
+        return engine_input
+
+    def _render_refusal(self, error: Exception) -> ProtocolError:
+        if isinstance(error, VLLMValidationError) and error.parameter in _PROMPT_LENGTH_PARAMETERS:
+            return ProtocolError(
+                ErrorCode.INVALID_INPUT,
+                f"the prompt is longer than the model's context of {self.max_model_len} tokens",
+            )
+        log.info("could not render a prompt: %s", type(error).__name__)
+        return ProtocolError(
+            ErrorCode.INVALID_INPUT, "the input could not be rendered into a prompt for this model"
+        )
+
+    def _sampling_params(self, request: Request) -> SamplingParams:
+        kwargs = {**self.default_sampling, **request.sampling_params.to_engine_kwargs()}
+        try:
+            return SamplingParams(**kwargs, output_kind=RequestOutputKind.DELTA)
+        except (VLLMClientError, ValueError, TypeError):
+            raise ProtocolError(
+                ErrorCode.INVALID_INPUT, "sampling_params are inconsistent with each other"
+            ) from None
+
+    def _check_fits_context(self, engine_input: dict, params: SamplingParams) -> None:
+        needed = len(engine_input["prompt_token_ids"]) + (params.max_tokens or 1)
+        if needed > self.max_model_len:
+            raise ProtocolError(
+                ErrorCode.INVALID_INPUT,
+                f"prompt plus max_tokens exceed the model's context of {self.max_model_len} tokens",
+            )
+
+
+def engine_arguments(config: WorkerConfig, model_dir: str, model_name: str) -> dict[str, Any]:
+    """Keyword arguments for `AsyncEngineArgs`; ConfigError for a bad ENGINE_ARGS."""
+    known = {field.name for field in dataclasses.fields(AsyncEngineArgs)}
+    extra = config.engine_args
+    problems = [
+        f"ENGINE_ARGS: {name!r} has its own variable or is not allowed"
+        for name in sorted(extra.keys() & _RESERVED_ENGINE_ARGS)
+    ] + [
+        f"ENGINE_ARGS: {name!r} is not a vLLM engine argument"
+        for name in sorted(extra.keys() - known - _RESERVED_ENGINE_ARGS)
+    ]
+    if problems:
+        raise ConfigError("invalid worker configuration:\n  " + "\n  ".join(problems))
+    return {
+        **extra,
+        "model": model_dir,
+        "served_model_name": extra.get("served_model_name", model_name),
+        "gpu_memory_utilization": config.gpu_memory_utilization,
+        "max_model_len": config.max_model_len,
+        "dtype": config.dtype,
+        "tensor_parallel_size": config.tensor_parallel_size or visible_gpus(),
+        "enable_log_requests": False,
+    }
+
+
+def visible_gpus() -> int:
+    return max(torch.cuda.device_count(), 1)
+
+
+def start_engine(config: WorkerConfig) -> AsyncLLMEngine:
+    """Boot the engine on the first model of MODELS."""
+    model_name = config.models[0]
+    model_dir = utils.resolve_model(model_name)
+    arguments = engine_arguments(config, model_dir, model_name)
+    return AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**arguments))
+
+
+def _sdk_local_mode(argv: list[str]) -> bool:
+    """True where the runpod SDK would run its local test modes, which
+    cannot run a streaming handler (they report success without running it)."""
+    local_flags = ("--test_input", "--rp_serve_api")
+    return not os.environ.get("RUNPOD_WEBHOOK_GET_JOB") or any(
+        arg.startswith(local_flags) for arg in argv
+    )
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = WorkerConfig.from_env()
+    except ConfigError as error:
+        log.error("%s", error)
+        return 2
+    if _sdk_local_mode(argv):
+        log.error(
+            "not running as a RunPod worker (RUNPOD_WEBHOOK_GET_JOB is unset, or a "
+            "local SDK flag was given). The runpod SDK's local modes cannot run this "
+            "streaming handler; test locally with: python3 test_local.py"
+        )
+        return 2
+    channel = Channel(config.encryption_key)
+    try:
+        engine = start_engine(config)
+    except ConfigError as error:
+        log.error("%s", error)
+        return 2
+    except Exception as error:
+        log.error("the engine could not start: %s: %s", type(error).__name__, error)
+        return 1
+
+    worker = Worker(engine, channel)
+    # The SDK reads its log level once, at import.
+    os.environ["RUNPOD_LOG_LEVEL"] = config.runpod_log_level
+    import runpod
+
+    runpod.serverless.start(
+        {
+            "handler": worker.handler,
+            "concurrency_modifier": lambda _current: config.max_concurrency,
+            # /run and /runsync then return every item, for clients that do not stream.
+            "return_aggregate_stream": True,
+        }
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,110 @@
+"""The worker's configuration: defaults, validation, and no secret in errors."""
+
+from __future__ import annotations
+
+import pytest
+
+import protocol
+from config import DEFAULT_MAX_CONCURRENCY, ConfigError, WorkerConfig
+
+
+@pytest.fixture
+def env() -> dict[str, str]:
+    return {"MODELS": "org/model", "ENCRYPTION_KEY": protocol.generate_key()}
+
+
+def test_defaults(env):
+    config = WorkerConfig.from_env(env)
+    assert config.models == ("org/model",)
+    assert config.gpu_memory_utilization == 0.95
+    assert config.max_model_len is None
+    assert config.dtype == "auto"
+    assert config.tensor_parallel_size is None
+    assert config.engine_args == {}
+    assert config.max_concurrency == DEFAULT_MAX_CONCURRENCY
+    assert config.runpod_log_level == "INFO"
+
+
+def test_every_variable_is_parsed(env):
+    env.update(
+        MODELS=" org/a , org/b ",
+        GPU_MEMORY_UTILIZATION="0.9",
+        MAX_MODEL_LEN="4096",
+        DTYPE="bfloat16",
+        TENSOR_PARALLEL_SIZE="2",
+        ENGINE_ARGS='{"enforce_eager": true, "max_num_seqs": 32}',
+        MAX_CONCURRENCY="16",
+        RUNPOD_LOG_LEVEL="warn",
+    )
+    config = WorkerConfig.from_env(env)
+    assert config.models == ("org/a", "org/b")
+    assert (config.gpu_memory_utilization, config.max_model_len) == (0.9, 4096)
+    assert (config.dtype, config.tensor_parallel_size) == ("bfloat16", 2)
+    assert config.engine_args == {"enforce_eager": True, "max_num_seqs": 32}
+    assert (config.max_concurrency, config.runpod_log_level) == (16, "WARN")
+
+
+def test_empty_variables_count_as_unset(env):
+    env.update(MAX_MODEL_LEN="", DTYPE=" ")
+    config = WorkerConfig.from_env(env)
+    assert (config.max_model_len, config.dtype) == (None, "auto")
+
+
+def test_every_problem_is_reported_at_once_and_the_key_is_never_repeated():
+    bad_key = "not-a-fernet-key-but-secret"
+    with pytest.raises(ConfigError) as caught:
+        WorkerConfig.from_env(
+            {
+                "ENCRYPTION_KEY": bad_key,
+                "GPU_MEMORY_UTILIZATION": "1.5",
+                "ENGINE_ARGS": "[1]",
+                "MAX_CONCURRENCY": "0",
+                "RUNPOD_LOG_LEVEL": "DEBUG",
+            }
+        )
+    message = str(caught.value)
+    for name in (
+        "MODELS",
+        "ENCRYPTION_KEY",
+        "GPU_MEMORY_UTILIZATION",
+        "ENGINE_ARGS",
+        "MAX_CONCURRENCY",
+        "RUNPOD_LOG_LEVEL",
+    ):
+        assert name in message
+    assert bad_key not in message
+
+
+def test_a_missing_key_says_how_to_make_one(env):
+    del env["ENCRYPTION_KEY"]
+    with pytest.raises(ConfigError, match="generate-key"):
+        WorkerConfig.from_env(env)
+
+
+def test_engine_args_cannot_shadow_variables_or_name_unknown_arguments(env):
+    import rp_handler
+
+    env["ENGINE_ARGS"] = '{"dtype": "half", "no_such_argument": 1, "enable_log_requests": true}'
+    config = WorkerConfig.from_env(env)
+    with pytest.raises(ConfigError) as caught:
+        rp_handler.engine_arguments(config, "/models/x", "org/model")
+    message = str(caught.value)
+    assert "'dtype'" in message and "'no_such_argument'" in message
+    assert "'enable_log_requests'" in message
+
+
+def test_engine_arguments_carry_every_setting(env):
+    import rp_handler
+
+    env.update(MAX_MODEL_LEN="2048", TENSOR_PARALLEL_SIZE="1", ENGINE_ARGS='{"max_num_seqs": 8}')
+    arguments = rp_handler.engine_arguments(WorkerConfig.from_env(env), "/models/x", "org/model")
+    assert arguments == {
+        "model": "/models/x",
+        "served_model_name": "org/model",
+        "gpu_memory_utilization": 0.95,
+        "max_model_len": 2048,
+        "dtype": "auto",
+        "tensor_parallel_size": 1,
+        "enable_log_requests": False,
+        "max_num_seqs": 8,
+    }

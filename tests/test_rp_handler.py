@@ -1,0 +1,175 @@
+"""The handler on the real engine: streamed text against the engine's own
+greedy output, every refusal code, and the worker serving on after each."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+from cryptography.fernet import Fernet
+
+import protocol
+from protocol import ErrorCode, StreamItem
+
+GREEDY = {"temperature": 0, "max_tokens": 24, "ignore_eos": True}
+_job_ids = itertools.count()
+
+
+async def run_job(worker, job_input) -> list[dict]:
+    job = {"id": f"test-{next(_job_ids)}", "input": job_input}
+    return [output async for output in worker.handler(job)]
+
+
+def open_all(channel, outputs) -> list[StreamItem]:
+    assert all("error" not in output for output in outputs), outputs
+    return [channel.open_item(output) for output in outputs]
+
+
+def only_error(outputs) -> protocol.ProtocolError:
+    assert len(outputs) == 1 and set(outputs[0]) == {"error"}, outputs
+    error = protocol.ProtocolError.parse(outputs[0]["error"])
+    assert error is not None, outputs
+    return error
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+async def greedy_text(engine, prompt_token_ids: list[int], max_tokens: int) -> str:
+    """The engine's own greedy completion of these tokens, in one piece."""
+    from vllm import SamplingParams
+    from vllm.renderers.inputs.preprocess import parse_model_prompt
+    from vllm.sampling_params import RequestOutputKind
+
+    prompt = parse_model_prompt(engine.model_config, {"prompt_token_ids": prompt_token_ids})
+    (engine_input,) = await engine.renderer.render_cmpl_async([prompt])
+    params = SamplingParams(
+        temperature=0,
+        max_tokens=max_tokens,
+        ignore_eos=True,
+        output_kind=RequestOutputKind.FINAL_ONLY,
+    )
+    async for output in engine.generate(engine_input, params, f"truth-{next(_job_ids)}"):
+        final = output
+    return final.outputs[0].text
+
+
+async def valid_job_succeeds(worker, channel, engine, hf_tokenizer) -> None:
+    prompt = "The worker serves on."
+    request = protocol.validate_request(prompt=prompt, sampling_params=GREEDY)
+    items = open_all(channel, await run_job(worker, channel.seal_request(request)))
+    expected = await greedy_text(engine, hf_tokenizer(prompt).input_ids, GREEDY["max_tokens"])
+    assert "".join(item.text for item in items) == expected
+
+
+async def test_prompt_job_streams_the_greedy_completion(worker, channel, engine, hf_tokenizer):
+    prompt = "Sanity check."
+    request = protocol.validate_request(prompt=prompt, sampling_params=GREEDY)
+
+    items = open_all(channel, await run_job(worker, channel.seal_request(request)))
+
+    prompt_ids = hf_tokenizer(prompt).input_ids
+    expected = await greedy_text(engine, prompt_ids, GREEDY["max_tokens"])
+    assert "".join(item.text for item in items) == expected
+    assert len(items) >= 2
+    assert all(item.finish_reason is None and item.usage is None for item in items[:-1])
+    assert items[-1].finish_reason == "length"
+    assert items[-1].usage == protocol.Usage(len(prompt_ids), GREEDY["max_tokens"])
+
+
+async def test_chat_job_applies_the_template_with_generation_prompt(
+    worker, channel, engine, hf_tokenizer
+):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Sanity check."},
+    ]
+    request = protocol.validate_request(messages=messages, sampling_params=GREEDY)
+
+    items = open_all(channel, await run_job(worker, channel.seal_request(request)))
+
+    prompt_ids = hf_tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    expected = await greedy_text(engine, prompt_ids, GREEDY["max_tokens"])
+    assert "".join(item.text for item in items) == expected
+    assert items[-1].usage == protocol.Usage(len(prompt_ids), GREEDY["max_tokens"])
+
+
+async def test_wrong_key_and_tampered_token_fail_decryption(worker, channel, engine, hf_tokenizer):
+    request = protocol.validate_request(prompt="Sanity check.", sampling_params=GREEDY)
+    foreign = protocol.Channel(protocol.generate_key()).seal_request(request)
+    token = bytearray(channel.seal_request(request)["ciphertext"], "ascii")
+    token[len(token) // 2] ^= 0x01
+    tampered = {"ciphertext": token.decode("ascii")}
+
+    for job_input in (foreign, tampered):
+        assert only_error(await run_job(worker, job_input)).code is ErrorCode.DECRYPTION_FAILED
+        await valid_job_succeeds(worker, channel, engine, hf_tokenizer)
+
+
+def _sealed_plaintext(key: str, plaintext: bytes) -> dict:
+    return {"ciphertext": Fernet(key.encode()).encrypt(plaintext).decode()}
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing ciphertext", "not JSON", "unknown sampling field", "no prompt", "prompt too long"],
+)
+async def test_invalid_input_fails_and_the_worker_serves_on(
+    case, key, worker, channel, engine, hf_tokenizer
+):
+    job_input = {
+        "missing ciphertext": {"prompt": "Sanity check."},
+        "not JSON": _sealed_plaintext(key, b"Sanity check."),
+        "unknown sampling field": _sealed_plaintext(
+            key, b'{"prompt": "Sanity check.", "sampling_params": {"beam_width": 4}}'
+        ),
+        "no prompt": _sealed_plaintext(key, b'{"sampling_params": {"max_tokens": 4}}'),
+        "prompt too long": _sealed_plaintext(key, b'{"prompt": "' + b"word " * 2000 + b'"}'),
+    }[case]
+
+    error = only_error(await run_job(worker, job_input))
+
+    assert error.code is ErrorCode.INVALID_INPUT
+    assert "Sanity" not in str(error) and "beam_width" not in str(error)
+    await valid_job_succeeds(worker, channel, engine, hf_tokenizer)
+
+
+async def test_32_concurrent_jobs_each_get_their_own_text(worker, channel, engine, hf_tokenizer):
+    prompts = [f"Job {n}: the quick brown fox." for n in range(32)]
+    requests = [protocol.validate_request(prompt=p, sampling_params=GREEDY) for p in prompts]
+
+    results = await asyncio.gather(
+        *(run_job(worker, channel.seal_request(request)) for request in requests)
+    )
+
+    for prompt, outputs in zip(prompts, results, strict=True):
+        text = "".join(item.text for item in open_all(channel, outputs))
+        assert text == await greedy_text(
+            engine, hf_tokenizer(prompt).input_ids, GREEDY["max_tokens"]
+        )
+
+
+async def test_a_slow_consumer_gets_fewer_items_and_the_same_text(worker, channel):
+    """In production each yield is an awaited HTTP post; meanwhile the engine
+    merges deltas, so a slow network coalesces tokens and loses none."""
+    request = protocol.validate_request(
+        prompt="Sanity check.", sampling_params={**GREEDY, "max_tokens": 64}
+    )
+
+    fast = open_all(channel, await run_job(worker, channel.seal_request(request)))
+    slow = []
+    job = {"id": "slow-consumer", "input": channel.seal_request(request)}
+    async for output in worker.handler(job):
+        slow.append(channel.open_item(output))
+        await asyncio.sleep(0.02)
+
+    assert "".join(i.text for i in slow) == "".join(i.text for i in fast)
+    assert slow[-1].usage == fast[-1].usage
+    assert 1 <= len(slow) < len(fast)

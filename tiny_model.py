@@ -1,0 +1,126 @@
+"""A tiny random-weight Llama with its own tokenizer, built on the fly.
+
+It is the offline default model: tests and `test_local.py` load it with the
+real vLLM engine on a CPU, with no model hub and no GPU. Its weights are
+random, so its text is gibberish by design; greedy (temperature 0) output is
+still deterministic, which is what the tests compare against.
+
+Rules:
+- `build(directory)` is deterministic for a given seed and idempotent: a
+  directory that already holds a complete build is reused as is.
+- The shape is the smallest that vLLM's CPU attention accepts (head_dim 64).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+# Bump when the recipe below changes, so stale cached builds are not reused.
+RECIPE_VERSION = 1
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+# The vocabulary holds only what this corpus contains (printable ASCII), so
+# even random weights print as harmless words; other input maps to <unk>.
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog while the encrypted worker "
+    "streams every token back to its client: sanity check passed.",
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz 0123456789",
+    "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~\n",
+]
+
+
+def default_directory() -> Path:
+    """Where `test_local.py` keeps its offline build between runs."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(cache) / "encrypted-vllm-worker" / f"tiny-llama-v{RECIPE_VERSION}"
+
+
+def build(directory: str | os.PathLike, seed: int = 0) -> Path:
+    """Build the model into `directory` (unless already built) and return it."""
+    target = Path(directory)
+    stamp = target / "tiny_model.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == _stamp(seed):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename, so a killed build is never reused.
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-model-", dir=target.parent))
+    _write_tokenizer(staging)
+    _write_model(staging, seed)
+    (staging / "tiny_model.json").write_text(json.dumps(_stamp(seed)))
+    if target.exists():
+        _remove_tree(target)
+    staging.rename(target)
+    return target
+
+
+def _stamp(seed: int) -> dict:
+    return {"recipe": RECIPE_VERSION, "seed": seed}
+
+
+def _write_tokenizer(directory: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<s>", "</s>", "<unk>"],
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_CORPUS, trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        chat_template=CHAT_TEMPLATE,
+    )
+    wrapped.save_pretrained(directory)
+
+
+def _write_model(directory: Path, seed: int) -> None:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+        # Far above the usual 0.02: near-uniform logits make greedy output
+        # repeat one token, and varied text makes lost or reordered deltas
+        # visible in the tests.
+        initializer_range=0.5,
+        dtype="bfloat16",
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(directory)
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path)
+
+
+if __name__ == "__main__":
+    print(build(default_directory()))
