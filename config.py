@@ -24,6 +24,11 @@ import protocol
 # sequences for 7-8B models), while more jobs stay in RunPod's queue where its
 # autoscaler sees them and another worker can take them.
 DEFAULT_MAX_CONCURRENCY = 64
+# Long enough for a job queued while a worker cold-starts (model download
+# included) to still be accepted; a client can resend an expired job.
+DEFAULT_ENCRYPTION_TTL_S = 900
+# Room for a prompt that fills a 128k-token context, padded and encrypted.
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
 
 class ConfigError(ValueError):
@@ -41,6 +46,9 @@ class WorkerConfig(BaseModel):
     tensor_parallel_size: int | None = Field(None, alias="TENSOR_PARALLEL_SIZE", ge=1)
     engine_args: dict[str, Any] = Field(default_factory=dict, alias="ENGINE_ARGS")
     max_concurrency: int = Field(DEFAULT_MAX_CONCURRENCY, alias="MAX_CONCURRENCY", ge=1)
+    encryption_ttl_s: int = Field(DEFAULT_ENCRYPTION_TTL_S, alias="ENCRYPTION_TTL", ge=1)
+    max_request_bytes: int = Field(DEFAULT_MAX_REQUEST_BYTES, alias="MAX_REQUEST_BYTES", ge=1024)
+    padding_bucket: int = Field(protocol.ITEM_BUCKET_BYTES, alias="PADDING_BUCKET", ge=0)
     # The runpod SDK's own variable: at DEBUG it logs every job's input and
     # output (ciphertexts), so only quieter levels are accepted.
     runpod_log_level: Literal["INFO", "WARN", "ERROR"] = Field("INFO", alias="RUNPOD_LOG_LEVEL")
@@ -56,6 +64,13 @@ class WorkerConfig(BaseModel):
     @classmethod
     def _check_key(cls, value: str) -> str:
         protocol.load_keys(value)  # its ValueError never repeats the key
+        return value
+
+    @field_validator("padding_bucket")
+    @classmethod
+    def _whole_blocks(cls, value: int) -> int:
+        if value % 16:
+            raise ValueError("must be a multiple of 16 (AES blocks), or 0 to turn padding off")
         return value
 
     @field_validator("engine_args", mode="before")
@@ -79,6 +94,13 @@ class WorkerConfig(BaseModel):
                 "logs every job's input and output"
             )
         return value.upper() if isinstance(value, str) else value
+
+    def inbox(self) -> protocol.Inbox:
+        """The worker's channel, with this configuration's limits."""
+        channel = protocol.Channel(self.encryption_key, item_bucket=self.padding_bucket)
+        return protocol.Inbox(
+            channel, ttl_s=self.encryption_ttl_s, max_request_bytes=self.max_request_bytes
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> WorkerConfig:

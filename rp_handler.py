@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import os
 import sys
+import traceback
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -35,7 +36,7 @@ from vllm.sampling_params import RequestOutputKind
 
 import utils
 from config import ConfigError, WorkerConfig
-from protocol import Channel, ErrorCode, ProtocolError, Request, StreamItem, Usage
+from protocol import ErrorCode, Inbox, ProtocolError, Request, StreamItem, Usage
 
 log = logging.getLogger("worker")
 
@@ -55,9 +56,9 @@ _PROMPT_LENGTH_PARAMETERS = ("input_text", "input_tokens")
 class Worker:
     """Serves jobs on one engine; holds no other state."""
 
-    def __init__(self, engine: AsyncLLMEngine, channel: Channel):
+    def __init__(self, engine: AsyncLLMEngine, inbox: Inbox):
         self.engine = engine
-        self.channel = channel
+        self.inbox = inbox
         model_config = engine.model_config
         self.max_model_len: int = model_config.max_model_len
         # The model's own defaults (generation_config.json), as `vllm serve` applies them.
@@ -72,13 +73,19 @@ class Worker:
 
     async def handler(self, job: dict) -> AsyncIterator[dict]:
         """A RunPod job in, encrypted stream items out."""
+        job_id = job.get("id")
         try:
-            request = self.channel.open_request(job.get("input"))
-            async for item in self.generate(request, request_id=str(job["id"])):
-                yield self.channel.seal_item(item)
+            request = self.inbox.admit(job.get("input"))
+            async for item in self.generate(request, request_id=str(job_id)):
+                yield self.inbox.channel.seal_item(item)
         except ProtocolError as error:
-            log.info("job %s failed: %s", job.get("id"), error.code.value)
+            log.info("job %s failed: %s", job_id, error.code.value)
             yield {"error": str(error)}
+        except Exception as error:
+            # A bug must fail the job, not reach the SDK, which would put the
+            # exception's message (possibly request content) in the job's error.
+            log.error("job %s failed: internal error %s", job_id, _where(error))
+            yield {"error": f"{ErrorCode.ENGINE_ERROR}: internal error in the worker"}
 
     async def generate(self, request: Request, request_id: str) -> AsyncIterator[StreamItem]:
         """Plaintext deltas of one request; the last carries finish_reason and usage."""
@@ -146,6 +153,13 @@ class Worker:
             )
 
 
+def _where(error: BaseException) -> str:
+    """An exception's type and innermost frame, without its message."""
+    frames = traceback.extract_tb(error.__traceback__)
+    place = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    return f"{type(error).__name__}{place}"
+
+
 def engine_arguments(config: WorkerConfig, model_dir: str, model_name: str) -> dict[str, Any]:
     """Keyword arguments for `AsyncEngineArgs`; ConfigError for a bad ENGINE_ARGS."""
     known = {field.name for field in dataclasses.fields(AsyncEngineArgs)}
@@ -206,7 +220,6 @@ def main(argv: list[str]) -> int:
             "streaming handler; test locally with: python3 test_local.py"
         )
         return 2
-    channel = Channel(config.encryption_key)
     try:
         engine = start_engine(config)
     except ConfigError as error:
@@ -216,7 +229,7 @@ def main(argv: list[str]) -> int:
         log.error("the engine could not start: %s: %s", type(error).__name__, error)
         return 1
 
-    worker = Worker(engine, channel)
+    worker = Worker(engine, config.inbox())
     # The SDK reads its log level once, at import.
     os.environ["RUNPOD_LOG_LEVEL"] = config.runpod_log_level
     import runpod

@@ -119,8 +119,8 @@ async def verify(request: protocol.Request) -> int:
     config = WorkerConfig.from_env()
     print(f"booting the worker on {config.models[0]} ...", flush=True)
     engine = rp_handler.start_engine(config)
-    channel = protocol.Channel(config.encryption_key)
-    worker = rp_handler.Worker(engine, channel)
+    worker = rp_handler.Worker(engine, config.inbox())
+    channel = protocol.Channel(config.encryption_key)  # the client's side
     try:
         warm_up = await run_job(worker, channel, request, "warm-up", echo=False)
         measured = await run_job(worker, channel, request, "measured", echo=True)

@@ -6,6 +6,7 @@ every in-process test shares it, as jobs share it in production.
 
 from __future__ import annotations
 
+import collections
 import os
 
 import pytest
@@ -31,6 +32,7 @@ def key() -> str:
 
 @pytest.fixture(scope="session")
 def channel(key) -> protocol.Channel:
+    """The client's side of the channel."""
     return protocol.Channel(key)
 
 
@@ -55,7 +57,35 @@ async def engine(worker_env):
 
 
 @pytest.fixture(scope="session")
-def worker(engine, channel):
+def worker(engine, worker_env):
     import rp_handler
+    from config import WorkerConfig
 
-    return rp_handler.Worker(engine, channel)
+    return rp_handler.Worker(engine, WorkerConfig.from_env(worker_env).inbox())
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(tiny_model_dir):
+    """The model's tokenizer through transformers: an independent path to
+    the token ids the engine should see."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+_fuzz_tally: collections.Counter[str] = collections.Counter()
+
+
+@pytest.fixture(scope="session")
+def fuzz_tally() -> collections.Counter[str]:
+    """Cases the fuzz tests ran, by test; reported after the session."""
+    return _fuzz_tally
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _fuzz_tally:
+        terminalreporter.write_sep("-", "fuzzing")
+        for name, count in sorted(_fuzz_tally.items()):
+            terminalreporter.write_line(f"{count:6d}  {name}")
+        total = sum(_fuzz_tally.values())
+        terminalreporter.write_line(f"{total:6d}  cases in all, each FAILED with a stable code")

@@ -4,59 +4,13 @@ greedy output, every refusal code, and the worker serving on after each."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 
 import pytest
 from cryptography.fernet import Fernet
+from jobs import GREEDY, greedy_text, only_error, open_all, run_job
 
 import protocol
-from protocol import ErrorCode, StreamItem
-
-GREEDY = {"temperature": 0, "max_tokens": 24, "ignore_eos": True}
-_job_ids = itertools.count()
-
-
-async def run_job(worker, job_input) -> list[dict]:
-    job = {"id": f"test-{next(_job_ids)}", "input": job_input}
-    return [output async for output in worker.handler(job)]
-
-
-def open_all(channel, outputs) -> list[StreamItem]:
-    assert all("error" not in output for output in outputs), outputs
-    return [channel.open_item(output) for output in outputs]
-
-
-def only_error(outputs) -> protocol.ProtocolError:
-    assert len(outputs) == 1 and set(outputs[0]) == {"error"}, outputs
-    error = protocol.ProtocolError.parse(outputs[0]["error"])
-    assert error is not None, outputs
-    return error
-
-
-@pytest.fixture(scope="session")
-def hf_tokenizer(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
-async def greedy_text(engine, prompt_token_ids: list[int], max_tokens: int) -> str:
-    """The engine's own greedy completion of these tokens, in one piece."""
-    from vllm import SamplingParams
-    from vllm.renderers.inputs.preprocess import parse_model_prompt
-    from vllm.sampling_params import RequestOutputKind
-
-    prompt = parse_model_prompt(engine.model_config, {"prompt_token_ids": prompt_token_ids})
-    (engine_input,) = await engine.renderer.render_cmpl_async([prompt])
-    params = SamplingParams(
-        temperature=0,
-        max_tokens=max_tokens,
-        ignore_eos=True,
-        output_kind=RequestOutputKind.FINAL_ONLY,
-    )
-    async for output in engine.generate(engine_input, params, f"truth-{next(_job_ids)}"):
-        final = output
-    return final.outputs[0].text
+from protocol import ErrorCode
 
 
 async def valid_job_succeeds(worker, channel, engine, hf_tokenizer) -> None:
@@ -173,3 +127,20 @@ async def test_a_slow_consumer_gets_fewer_items_and_the_same_text(worker, channe
     assert "".join(i.text for i in slow) == "".join(i.text for i in fast)
     assert slow[-1].usage == fast[-1].usage
     assert 1 <= len(slow) < len(fast)
+
+
+async def test_a_replayed_or_expired_token_is_refused_and_the_worker_serves_on(
+    key, worker, channel, engine, hf_tokenizer
+):
+    import time
+
+    request = protocol.validate_request(prompt="Sanity check.", sampling_params=GREEDY)
+    job_input = channel.seal_request(request)
+    assert open_all(channel, await run_job(worker, job_input))
+    assert only_error(await run_job(worker, job_input)).code is ErrorCode.REPLAYED
+
+    an_hour_ago = int(time.time()) - 3600
+    stale = Fernet(key.encode()).encrypt_at_time(b'{"prompt": "Sanity check."}', an_hour_ago)
+    error = only_error(await run_job(worker, {"ciphertext": stale.decode()}))
+    assert error.code is ErrorCode.TOKEN_EXPIRED
+    await valid_job_succeeds(worker, channel, engine, hf_tokenizer)

@@ -1,0 +1,47 @@
+"""Helpers that run jobs through a Worker in-process and read their outputs."""
+
+from __future__ import annotations
+
+import itertools
+
+import protocol
+from protocol import StreamItem
+
+GREEDY = {"temperature": 0, "max_tokens": 24, "ignore_eos": True}
+_job_ids = itertools.count()
+
+
+async def run_job(worker, job_input) -> list[dict]:
+    job = {"id": f"test-{next(_job_ids)}", "input": job_input}
+    return [output async for output in worker.handler(job)]
+
+
+def open_all(channel, outputs) -> list[StreamItem]:
+    assert all("error" not in output for output in outputs), outputs
+    return [channel.open_item(output) for output in outputs]
+
+
+def only_error(outputs) -> protocol.ProtocolError:
+    assert len(outputs) == 1 and set(outputs[0]) == {"error"}, outputs
+    error = protocol.ProtocolError.parse(outputs[0]["error"])
+    assert error is not None, outputs
+    return error
+
+
+async def greedy_text(engine, prompt_token_ids: list[int], max_tokens: int) -> str:
+    """The engine's own greedy completion of these tokens, in one piece."""
+    from vllm import SamplingParams
+    from vllm.renderers.inputs.preprocess import parse_model_prompt
+    from vllm.sampling_params import RequestOutputKind
+
+    prompt = parse_model_prompt(engine.model_config, {"prompt_token_ids": prompt_token_ids})
+    (engine_input,) = await engine.renderer.render_cmpl_async([prompt])
+    params = SamplingParams(
+        temperature=0,
+        max_tokens=max_tokens,
+        ignore_eos=True,
+        output_kind=RequestOutputKind.FINAL_ONLY,
+    )
+    async for output in engine.generate(engine_input, params, f"truth-{next(_job_ids)}"):
+        final = output
+    return final.outputs[0].text
