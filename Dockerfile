@@ -6,7 +6,7 @@ WORKDIR /app
 COPY requirements.txt .
 RUN python3 -m pip install --no-cache-dir -r requirements.txt
 
-COPY protocol.py config.py utils.py rp_handler.py client.py test_local.py tiny_model.py test_input.json ./
+COPY protocol.py config.py utils.py rp_handler.py client.py local_endpoint.py test_local.py tiny_model.py test_input.json ./
 
 ENV HF_HUB_ENABLE_HF_TRANSFER=1 \
     PYTHONUNBUFFERED=1

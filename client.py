@@ -1,43 +1,106 @@
-"""Reference client: encrypt a request, submit it to a RunPod endpoint, then
-stream and decrypt the answer.
+"""Reference client for the encrypted worker: a library and a CLI.
 
-    python3 client.py --endpoint-id ID --prompt "Hello"     # RUNPOD_API_KEY, ENCRYPTION_KEY
+    python3 client.py --endpoint-id ID --prompt "Hello"    # RUNPOD_API_KEY, ENCRYPTION_KEY
+    python3 client.py --base-url http://127.0.0.1:8000/v2/local --prompt "Hello"
     python3 client.py --generate-key
+
+    from client import Client
+    with Client("ENDPOINT_ID") as client:                 # keys from the environment
+        print(client.run_sync("Hello").text)
+        for delta in client.stream(messages=[{"role": "user", "content": "Hi"}]):
+            print(delta, end="")
+
+`AsyncClient` offers the same calls to await (`await client.run_sync(...)`,
+`async for delta in client.stream(...)`).
 
 Rules:
 - A request is validated here, with a detailed message, before anything is
   encrypted or sent: the worker's own refusals are deliberately terse.
 - Only ciphertext leaves this process; the key never does.
+- Every failure is one of the `ClientError` types below; a job's failure
+  carries the worker's stable code.
+- A stream cancels its job when its caller stops reading early: the stream
+  closed or dropped, a timeout, Ctrl-C.
+- Retries happen only where repeating is safe: a 429 anywhere (RunPod did not
+  take the request), a 5xx or lost connection on reads and cancels, never on
+  a /run that may have been accepted.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
+import random
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import pydantic
 
 import protocol
-from protocol import Channel, ProtocolError, StreamItem, Usage
+from protocol import Channel, ErrorCode, ProtocolError, Request, StreamItem, Usage
 
 RUNPOD_API = "https://api.runpod.ai/v2"
-FINAL_STATUSES = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
+FINAL_STATUSES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
+DEFAULT_TIMEOUT_S = 600.0  # RunPod's default execution timeout
+# Four /stream polls a second per streaming job: text flows smoothly and
+# fifty concurrent streams stay within RunPod's 2000 polls per 10 s.
+DEFAULT_POLL_INTERVAL_S = 0.25
+HTTP_TIMEOUT_S = 30.0  # longer than a held /stream poll
 
 
-class JobFailed(Exception):
-    """The job ended without a completion; `code` is the worker's stable code
-    when the worker refused it, else None (e.g. CANCELLED, TIMED_OUT)."""
+# --- Errors ----------------------------------------------------------------
 
-    def __init__(self, status: str, error: str | None):
-        super().__init__(f"job {status}: {error}" if error else f"job {status}")
-        self.status = status
-        parsed = ProtocolError.parse(error) if error else None
-        self.code = parsed.code if parsed else None
+
+class ClientError(Exception):
+    """Base of every error this client raises."""
+
+
+class AuthenticationError(ClientError):
+    """RunPod refused the API key (401 or 403)."""
+
+
+class EndpointNotFound(ClientError):
+    """No such endpoint, or no such job (it may have expired): 404."""
+
+
+class RateLimited(ClientError):
+    """RunPod kept answering 429 (rate limit, or queue full) through every retry."""
+
+
+class ServerError(ClientError):
+    """RunPod failed (5xx) through every retry, or could not be reached."""
+
+
+class DecryptionFailed(ClientError):
+    """A response did not decrypt under this client's key: the wrong key, or
+    a response tampered with."""
+
+
+class JobFailed(ClientError):
+    """The job ended without a completion. `code` is the worker's stable code
+    (DECRYPTION_FAILED, INVALID_INPUT, ...) when the worker refused or failed
+    it, None when RunPod ended it (e.g. CANCELLED)."""
+
+    def __init__(self, job_id: str, status: str, error: Any = None):
+        parsed = ProtocolError.parse(error) if isinstance(error, str) else None
+        self.job_id, self.status = job_id, status
+        self.code: ErrorCode | None = parsed.code if parsed else None
+        self.reason = parsed.reason if parsed else error
+        detail = f": {error}" if error else ""
+        super().__init__(f"job {job_id} {status}{detail}")
+
+
+class JobTimeout(JobFailed, TimeoutError):
+    """The job did not finish in time: this client's timeout (the job was then
+    cancelled) or RunPod's execution timeout (TIMED_OUT)."""
+
+
+# --- Results -----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -45,10 +108,171 @@ class Completion:
     text: str
     finish_reason: str | None
     usage: Usage | None
+    job_id: str
+    ttft_s: float | None  # from submitting to the first text
+    total_s: float  # from submitting to the last item
+    arrivals: int  # polls that brought text: how the completion streamed
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Completion tokens per second of streaming, after the first token."""
+        if self.usage is None or self.ttft_s is None or self.total_s <= self.ttft_s:
+            return None
+        return self.usage.completion_tokens / (self.total_s - self.ttft_s)
+
+
+class _Tracker:
+    """One job followed through /stream polls, with no I/O of its own: it
+    decrypts and times the chunks and says how to poll next."""
+
+    # Each poll asks the server to hold it open while there is nothing new
+    # (`?wait=`, as RunPod's Go SDK asks of /stream), so the first token is
+    # seen when it is posted. Where a server answers at once instead, poll
+    # fast for a second, then slow down while a cold start keeps the job
+    # queued. Once text flows, poll every `poll_interval`, so that tokens
+    # batch up between polls, gently on RunPod's rate limits.
+    HOLD_S, FAST_S, FAST_FOR_S, GROWTH, SLOWEST_S = 10.0, 0.025, 1.0, 1.5, 1.0
+
+    def __init__(self, channel: Channel, job_id: str, submitted_at: float, poll_interval: float):
+        self.channel, self.job_id, self.submitted_at = channel, job_id, submitted_at
+        self.poll_interval = poll_interval
+        self._hold_s = self.HOLD_S
+        self.status = "IN_QUEUE"
+        self.pieces: list[str] = []
+        self.last: StreamItem | None = None
+        self.first_text_at: float | None = None
+        self.last_item_at: float | None = None
+        self.arrivals = 0  # /stream responses that brought text
+        self._last_poll_empty = False
+        self._delay = self.FAST_S
+
+    def poll_path(self, deadline: float | None) -> str:
+        """The next /stream request, held no later than `deadline`."""
+        left = deadline - time.monotonic() if deadline else self.HOLD_S
+        self._hold_s = max(min(self.HOLD_S, left), 0.0)
+        return f"/stream/{self.job_id}?wait={int(self._hold_s * 1000)}"
+
+    def feed(self, body: dict, held_s: float) -> list[str]:
+        """The text deltas in one /stream response, which took `held_s`."""
+        self.status = body.get("status", self.status)
+        texts = []
+        for chunk in body.get("stream") or []:
+            try:
+                item = self.channel.open_item(chunk.get("output"))
+            except ProtocolError as error:
+                raise DecryptionFailed(f"job {self.job_id}: {error.reason}") from None
+            self.last, self.last_item_at = item, time.monotonic()
+            if item.text:
+                self.first_text_at = self.first_text_at or self.last_item_at
+                texts.append(item.text)
+        self.pieces += texts
+        self.arrivals += bool(texts)
+        self._last_poll_empty = not body.get("stream")
+        if not self._last_poll_empty:
+            self._delay = self.poll_interval
+        elif self._hold_s and held_s >= self._hold_s / 2:
+            self._delay = 0.0  # the server held the poll: ask again at once
+        elif time.monotonic() - self.submitted_at > self.FAST_FOR_S:
+            self._delay = min(max(self._delay, self.FAST_S) * self.GROWTH, self.SLOWEST_S)
+        return texts
+
+    @property
+    def ended(self) -> bool:
+        """The job is over and nothing more will arrive: its final item came,
+        or (as RunPod's own clients decide) a final status with no chunks."""
+        final_item_seen = self.last is not None and self.last.usage is not None
+        return self.status in FINAL_STATUSES and (final_item_seen or self._last_poll_empty)
+
+    def next_delay(self) -> float:
+        return self._delay
+
+    def completion(self) -> Completion:
+        last = self.last or StreamItem("")
+        end = self.last_item_at or time.monotonic()
+        first = self.first_text_at
+        return Completion(
+            text="".join(self.pieces),
+            finish_reason=last.finish_reason,
+            usage=last.usage,
+            job_id=self.job_id,
+            ttft_s=first - self.submitted_at if first else None,
+            total_s=end - self.submitted_at,
+            arrivals=self.arrivals,
+        )
+
+
+# --- HTTP rules shared by both clients ---------------------------------------
+
+
+def _error_for(response: httpx.Response) -> ClientError:
+    status, where = response.status_code, response.request.url.path
+    if status in (401, 403):
+        return AuthenticationError(f"{status} from {where}: check RUNPOD_API_KEY")
+    if status == 404:
+        return EndpointNotFound(f"404 from {where}: no such endpoint, or the job expired")
+    if status == 429:
+        return RateLimited(f"429 from {where} after every retry")
+    if status >= 500:
+        return ServerError(f"{status} from {where} after every retry")
+    return ClientError(f"{status} from {where}: {response.text[:200]}")
+
+
+def _safe_to_repeat(method: str, path: str) -> bool:
+    return method == "GET" or "/cancel/" in path
+
+
+def _backoff(attempt: int) -> float:
+    return min(0.5 * 2**attempt, 8.0) * random.uniform(0.5, 1.0)
+
+
+def _retry_delay(response: httpx.Response, attempt: int, max_retries: int) -> float | None:
+    """How long to wait before repeating this request, or None: do not."""
+    if attempt >= max_retries:
+        return None
+    if response.status_code == 429:
+        try:
+            return min(float(response.headers.get("Retry-After", "")), 30.0)
+        except ValueError:
+            return _backoff(attempt)
+    method, path = response.request.method, response.request.url.path
+    if response.status_code >= 500 and _safe_to_repeat(method, path):
+        return _backoff(attempt)
+    return None
+
+
+def _job_failure(job_id: str, envelope: dict) -> JobFailed:
+    status, error = envelope.get("status", "FAILED"), envelope.get("error")
+    if status == "TIMED_OUT":
+        return JobTimeout(job_id, status, error)
+    return JobFailed(job_id, status, error)
+
+
+def _request_of(
+    prompt: str | None,
+    messages: Sequence[dict[str, str]] | None,
+    sampling_params: dict[str, Any] | None,
+) -> Request:
+    """The validated request; pydantic's ValidationError says what is wrong."""
+    return protocol.validate_request(prompt, messages, sampling_params)
+
+
+def _settings(
+    endpoint_id: str | None, base_url: str | None, api_key: str | None, encryption_key: str | None
+) -> tuple[str, str, Channel]:
+    if (endpoint_id is None) == (base_url is None):
+        raise ValueError("give exactly one of endpoint_id or base_url")
+    api_key = api_key or os.environ.get("RUNPOD_API_KEY", "")
+    if not api_key:
+        raise ValueError("RUNPOD_API_KEY is not set")
+    channel = Channel(encryption_key or os.environ.get("ENCRYPTION_KEY", ""))
+    return base_url or f"{RUNPOD_API}/{endpoint_id}", api_key, channel
+
+
+# --- The blocking client -----------------------------------------------------
 
 
 class Client:
-    """One RunPod endpoint, spoken to in wire protocol v1."""
+    """A RunPod endpoint running the encrypted worker, called synchronously."""
 
     def __init__(
         self,
@@ -57,92 +281,368 @@ class Client:
         base_url: str | None = None,
         api_key: str | None = None,
         encryption_key: str | None = None,
-        timeout: float = 30.0,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
+        poll_interval: float = DEFAULT_POLL_INTERVAL_S,
+        max_retries: int = 5,
     ):
-        if (endpoint_id is None) == (base_url is None):
-            raise ValueError("give exactly one of endpoint_id or base_url")
-        api_key = api_key or os.environ.get("RUNPOD_API_KEY", "")
-        self.channel = Channel(encryption_key or os.environ.get("ENCRYPTION_KEY", ""))
+        url, api_key, self.channel = _settings(endpoint_id, base_url, api_key, encryption_key)
+        self.timeout, self.poll_interval, self.max_retries = timeout, poll_interval, max_retries
         self._http = httpx.Client(
-            base_url=base_url or f"{RUNPOD_API}/{endpoint_id}",
-            headers={"Authorization": f"Bearer {api_key}"},
-            timeout=timeout,
+            base_url=url, headers={"Authorization": f"Bearer {api_key}"}, timeout=HTTP_TIMEOUT_S
         )
 
-    def stream(
+    def submit(
         self,
         prompt: str | None = None,
         *,
         messages: Sequence[dict[str, str]] | None = None,
         sampling_params: dict[str, Any] | None = None,
-    ) -> Iterator[StreamItem]:
-        """Submit a request and yield its decrypted items as they arrive."""
-        request = protocol.validate_request(prompt, messages, sampling_params)
-        job = self._post("/run", {"input": self.channel.seal_request(request)})
-        yield from self._follow(job["id"])
+    ) -> Job:
+        request = _request_of(prompt, messages, sampling_params)
+        submitted_at = time.monotonic()
+        reply = self._call("POST", "/run", {"input": self.channel.seal_request(request)})
+        return Job(self, reply["id"], submitted_at)
 
-    def run_sync(self, prompt: str | None = None, **kwargs: Any) -> Completion:
-        items = list(self.stream(prompt, **kwargs))
-        last = items[-1] if items else StreamItem("")
-        return Completion("".join(item.text for item in items), last.finish_reason, last.usage)
+    def stream(self, prompt: str | None = None, **request: Any) -> TextStream:
+        """Submit, then iterate over the completion's text deltas."""
+        return self.submit(prompt, **request).stream()
 
-    def _follow(self, job_id: str) -> Iterator[StreamItem]:
-        # Poll fast at first and right after each chunk, so time to first
-        # token is not set by the poll interval; back off while idle.
-        delay = 0.05
-        while True:
-            body = self._get(f"/stream/{job_id}")
-            chunks = body.get("stream") or []
-            for chunk in chunks:
-                yield self.channel.open_item(chunk["output"])
-            status = body.get("status")
-            if status in FINAL_STATUSES:
-                if status != "COMPLETED":
-                    raise JobFailed(status, body.get("error") or self._error_of(job_id))
-                if not chunks:
-                    return
-            delay = 0.05 if chunks else min(delay * 1.5, 1.0)
+    def run_sync(self, prompt: str | None = None, **request: Any) -> Completion:
+        """Submit and wait for the whole completion."""
+        return self.submit(prompt, **request).result()
+
+    def job(self, job_id: str) -> Job:
+        """A handle on a job submitted earlier, e.g. by another process."""
+        return Job(self, job_id, time.monotonic())
+
+    def health(self) -> dict:
+        return self._call("GET", "/health")
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _call(self, method: str, path: str, body: dict | None = None) -> dict:
+        for attempt in range(self.max_retries + 1):
+            try:
+                response = self._http.request(method, path, json=body)
+            except httpx.TransportError as error:
+                repeatable = isinstance(error, httpx.ConnectError) or _safe_to_repeat(method, path)
+                if repeatable and attempt < self.max_retries:
+                    time.sleep(_backoff(attempt))
+                    continue
+                raise ServerError(f"cannot reach {path}: {type(error).__name__}") from error
+            if response.status_code < 400:
+                return response.json()
+            delay = _retry_delay(response, attempt, self.max_retries)
+            if delay is None:
+                raise _error_for(response)
             time.sleep(delay)
+        raise AssertionError("unreachable")
 
-    def _error_of(self, job_id: str) -> str | None:
-        return self._get(f"/status/{job_id}").get("error")
 
-    def _get(self, path: str) -> dict:
-        response = self._http.get(path)
-        response.raise_for_status()
-        return response.json()
+class Job:
+    """A submitted job: its status, its stream, its result, its cancellation."""
 
-    def _post(self, path: str, body: dict | None = None) -> dict:
-        response = self._http.post(path, json=body)
-        response.raise_for_status()
-        return response.json()
+    def __init__(self, client: Client, job_id: str, submitted_at: float):
+        self._client, self.id, self.submitted_at = client, job_id, submitted_at
+
+    def status(self) -> str:
+        return self._client._call("GET", f"/status/{self.id}")["status"]
+
+    def cancel(self) -> str:
+        return self._client._call("POST", f"/cancel/{self.id}")["status"]
+
+    def stream(self) -> TextStream:
+        return TextStream(self, self._follow())
+
+    def result(self) -> Completion:
+        with self.stream() as deltas:
+            for _ in deltas:
+                pass
+        return deltas.completion
+
+    def _follow(self) -> Iterator[str | Completion]:
+        client = self._client
+        tracker = _Tracker(client.channel, self.id, self.submitted_at, client.poll_interval)
+        deadline = client.timeout and self.submitted_at + client.timeout
+        try:
+            while True:
+                asked = time.monotonic()
+                body = client._call("GET", tracker.poll_path(deadline))
+                yield from tracker.feed(body, held_s=time.monotonic() - asked)
+                if tracker.ended:
+                    break
+                if (
+                    deadline
+                    and time.monotonic() > deadline
+                    and tracker.status not in FINAL_STATUSES
+                ):
+                    raise JobTimeout(self.id, "cancelled after the client's timeout")
+                time.sleep(tracker.next_delay())
+        finally:
+            if tracker.status not in FINAL_STATUSES:
+                self._cancel_quietly()
+        if tracker.status != "COMPLETED":
+            raise _job_failure(self.id, client._call("GET", f"/status/{self.id}"))
+        yield tracker.completion()
+
+    def _cancel_quietly(self) -> None:
+        try:
+            self.cancel()
+        except ClientError:
+            pass  # the caller's own exception matters more
+
+
+class TextStream:
+    """Iterates over text deltas; `completion` (usage, timings) is set once
+    the stream is exhausted. Closing it early cancels the job."""
+
+    def __init__(self, job: Job, follow: Iterator[str | Completion]):
+        self.job = job
+        self.completion: Completion | None = None
+        self._follow = follow
+        self._started = False
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        self._started = True
+        piece = next(self._follow)
+        if isinstance(piece, Completion):
+            self.completion = piece
+            raise StopIteration
+        return piece
+
+    def close(self) -> None:
+        if not self._started:  # never read: the follower never ran, cancel here
+            self._started = True
+            self.job._cancel_quietly()
+        self._follow.close()
+
+    def __enter__(self) -> TextStream:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+# --- The async client -----------------------------------------------------------
+
+
+class AsyncClient:
+    """The same calls as `Client`, to await."""
+
+    def __init__(
+        self,
+        endpoint_id: str | None = None,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        encryption_key: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
+        poll_interval: float = DEFAULT_POLL_INTERVAL_S,
+        max_retries: int = 5,
+    ):
+        url, api_key, self.channel = _settings(endpoint_id, base_url, api_key, encryption_key)
+        self.timeout, self.poll_interval, self.max_retries = timeout, poll_interval, max_retries
+        self._http = httpx.AsyncClient(
+            base_url=url,
+            headers={"Authorization": f"Bearer {api_key}"},
+            timeout=HTTP_TIMEOUT_S,
+            limits=httpx.Limits(max_connections=None),
+        )
+
+    async def submit(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[dict[str, str]] | None = None,
+        sampling_params: dict[str, Any] | None = None,
+    ) -> AsyncJob:
+        request = _request_of(prompt, messages, sampling_params)
+        submitted_at = time.monotonic()
+        reply = await self._call("POST", "/run", {"input": self.channel.seal_request(request)})
+        return AsyncJob(self, reply["id"], submitted_at)
+
+    async def stream(self, prompt: str | None = None, **request: Any) -> AsyncTextStream:
+        return (await self.submit(prompt, **request)).stream()
+
+    async def run_sync(self, prompt: str | None = None, **request: Any) -> Completion:
+        return await (await self.submit(prompt, **request)).result()
+
+    def job(self, job_id: str) -> AsyncJob:
+        return AsyncJob(self, job_id, time.monotonic())
+
+    async def health(self) -> dict:
+        return await self._call("GET", "/health")
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.aclose()
+
+    async def _call(self, method: str, path: str, body: dict | None = None) -> dict:
+        for attempt in range(self.max_retries + 1):
+            try:
+                response = await self._http.request(method, path, json=body)
+            except httpx.TransportError as error:
+                repeatable = isinstance(error, httpx.ConnectError) or _safe_to_repeat(method, path)
+                if repeatable and attempt < self.max_retries:
+                    await asyncio.sleep(_backoff(attempt))
+                    continue
+                raise ServerError(f"cannot reach {path}: {type(error).__name__}") from error
+            if response.status_code < 400:
+                return response.json()
+            delay = _retry_delay(response, attempt, self.max_retries)
+            if delay is None:
+                raise _error_for(response)
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+
+class AsyncJob:
+    def __init__(self, client: AsyncClient, job_id: str, submitted_at: float):
+        self._client, self.id, self.submitted_at = client, job_id, submitted_at
+
+    async def status(self) -> str:
+        return (await self._client._call("GET", f"/status/{self.id}"))["status"]
+
+    async def cancel(self) -> str:
+        return (await self._client._call("POST", f"/cancel/{self.id}"))["status"]
+
+    def stream(self) -> AsyncTextStream:
+        return AsyncTextStream(self, self._follow())
+
+    async def result(self) -> Completion:
+        async with self.stream() as deltas:
+            async for _ in deltas:
+                pass
+        return deltas.completion
+
+    async def _follow(self) -> AsyncIterator[str | Completion]:
+        client = self._client
+        tracker = _Tracker(client.channel, self.id, self.submitted_at, client.poll_interval)
+        deadline = client.timeout and self.submitted_at + client.timeout
+        try:
+            while True:
+                asked = time.monotonic()
+                body = await client._call("GET", tracker.poll_path(deadline))
+                for text in tracker.feed(body, held_s=time.monotonic() - asked):
+                    yield text
+                if tracker.ended:
+                    break
+                if (
+                    deadline
+                    and time.monotonic() > deadline
+                    and tracker.status not in FINAL_STATUSES
+                ):
+                    raise JobTimeout(self.id, "cancelled after the client's timeout")
+                await asyncio.sleep(tracker.next_delay())
+        finally:
+            if tracker.status not in FINAL_STATUSES:
+                await self._cancel_quietly()
+        if tracker.status != "COMPLETED":
+            raise _job_failure(self.id, await client._call("GET", f"/status/{self.id}"))
+        yield tracker.completion()
+
+    async def _cancel_quietly(self) -> None:
+        try:
+            await self.cancel()
+        except ClientError:
+            pass  # the caller's own exception matters more
+
+
+class AsyncTextStream:
+    """`TextStream`, to iterate with `async for`."""
+
+    def __init__(self, job: AsyncJob, follow: AsyncIterator[str | Completion]):
+        self.job = job
+        self.completion: Completion | None = None
+        self._follow = follow
+        self._started = False
+
+    def __aiter__(self) -> AsyncTextStream:
+        return self
+
+    async def __anext__(self) -> str:
+        self._started = True
+        piece = await anext(self._follow)
+        if isinstance(piece, Completion):
+            self.completion = piece
+            raise StopAsyncIteration
+        return piece
+
+    async def aclose(self) -> None:
+        if not self._started:  # never read: the follower never ran, cancel here
+            self._started = True
+            await self.job._cancel_quietly()
+        await self._follow.aclose()
+
+    async def __aenter__(self) -> AsyncTextStream:
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.aclose()
+
+
+# --- The command line --------------------------------------------------------
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--generate-key", action="store_true", help="print a new ENCRYPTION_KEY and exit"
-    )
-    parser.add_argument("--endpoint-id", help="the RunPod endpoint to call")
-    parser.add_argument("--prompt", help="the prompt to send")
-    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--generate-key", action="store_true", help="print a new ENCRYPTION_KEY")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--endpoint-id", help="the RunPod endpoint to call")
+    where.add_argument("--base-url", help="an endpoint's URL, e.g. the loopback endpoint's")
+    parser.add_argument("--prompt", help="the user message (sent through the chat template)")
+    parser.add_argument("--system", help="a system message before it")
+    parser.add_argument("--raw", action="store_true", help="send --prompt as a plain completion")
+    parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--temperature", type=float, default=0.7)
     args = parser.parse_args(argv)
     if args.generate_key:
         print(protocol.generate_key())
         return 0
-    if not args.endpoint_id or args.prompt is None:
-        parser.error("--endpoint-id and --prompt are required (or --generate-key)")
+    if not (args.endpoint_id or args.base_url) or args.prompt is None:
+        parser.error("give --endpoint-id (or --base-url) and --prompt, or --generate-key")
 
-    client = Client(args.endpoint_id)
     sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    if args.raw:
+        request: dict[str, Any] = {"prompt": args.prompt}
+    else:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        request = {"messages": [*system, {"role": "user", "content": args.prompt}]}
     try:
-        for item in client.stream(args.prompt, sampling_params=sampling):
-            print(item.text, end="", flush=True)
-    except JobFailed as error:
-        print(f"\n{error}", file=sys.stderr)
+        with Client(args.endpoint_id, base_url=args.base_url) as client:
+            with client.stream(**request, sampling_params=sampling) as deltas:
+                for delta in deltas:
+                    print(delta, end="", flush=True)
+    except (ValueError, pydantic.ValidationError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except ClientError as error:
+        print(f"\nerror: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\ncancelled", file=sys.stderr)
+        return 130
+    done = deltas.completion
     print()
+    if done and done.usage:
+        rate = f", {done.tokens_per_s:.1f} tokens/s" if done.tokens_per_s else ""
+        ttft = f"TTFT {done.ttft_s * 1000:.0f} ms" if done.ttft_s is not None else "no text"
+        print(f"[{done.usage.completion_tokens} tokens, {ttft}{rate}]", file=sys.stderr)
     return 0
 
 

@@ -24,6 +24,7 @@ import os
 import sys
 import traceback
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ from vllm.exceptions import VLLMClientError, VLLMValidationError
 from vllm.renderers import ChatParams
 from vllm.renderers.inputs.preprocess import parse_model_prompt
 from vllm.sampling_params import RequestOutputKind
+from vllm.utils.gc_utils import freeze_gc_heap
 
 import utils
 from config import ConfigError, WorkerConfig
@@ -93,21 +95,33 @@ class Worker:
         params = self._sampling_params(request)
         self._check_fits_context(engine_input, params)
         completion_tokens = 0
+        finished = False
         try:
-            async for output in self.engine.generate(engine_input, params, request_id):
-                delta = output.outputs[0]
-                completion_tokens += len(delta.token_ids)
-                if output.finished:
-                    usage = Usage(len(output.prompt_token_ids), completion_tokens)
-                    yield StreamItem(delta.text, delta.finish_reason, usage)
-                elif delta.text:
-                    yield StreamItem(delta.text)
+            # aclosing: leaving this loop early (the job cancelled, or the SDK
+            # closing us) aborts the request in the engine at once.
+            async with aclosing(self.engine.generate(engine_input, params, request_id)) as outputs:
+                async for output in outputs:
+                    delta = output.outputs[0]
+                    completion_tokens += len(delta.token_ids)
+                    if output.finished:
+                        finished = True
+                        usage = Usage(len(output.prompt_token_ids), completion_tokens)
+                        yield StreamItem(delta.text, delta.finish_reason, usage)
+                    elif delta.text:
+                        yield StreamItem(delta.text)
         except (VLLMClientError, ValueError) as error:
             log.info("engine refused request %s: %s", request_id, type(error).__name__)
             raise ProtocolError(ErrorCode.INVALID_INPUT, "the engine refused the request") from None
         except Exception as error:
             log.error("generation failed for %s: %s", request_id, type(error).__name__)
             raise ProtocolError(ErrorCode.ENGINE_ERROR, "generation failed") from None
+        finally:
+            if not finished:
+                log.info(
+                    "job %s stopped early: request aborted, %d unfinished in the engine",
+                    request_id,
+                    self.engine.get_num_unfinished_requests(),
+                )
 
     async def _render(self, request: Request) -> dict:
         renderer = self.engine.renderer
@@ -230,9 +244,18 @@ def main(argv: list[str]) -> int:
         return 1
 
     worker = Worker(engine, config.inbox())
-    # The SDK reads its log level once, at import.
+    # Start-up leaves millions of long-lived objects (torch, vLLM, the
+    # tokenizer); each full garbage collection walked them all, stalling
+    # every stream for about half a second (measured). vLLM's own server
+    # freezes them out of the collector the same way.
+    freeze_gc_heap()
+    # The SDK reads its log level at import; set it there and, in case the
+    # SDK was imported earlier, on its logger too.
     os.environ["RUNPOD_LOG_LEVEL"] = config.runpod_log_level
     import runpod
+    from runpod.serverless.modules.rp_logger import RunPodLogger
+
+    RunPodLogger().set_level(config.runpod_log_level)
 
     runpod.serverless.start(
         {

@@ -1,44 +1,46 @@
-"""The verification protocol: boot the worker from the container's variables,
-send it an encrypted job, print the decrypted text as it streams, then the
-time to first token (TTFT) and tokens per second.
+"""The verification protocol: run the worker exactly as a deployed endpoint
+runs it, send it an encrypted job through the client, print the decrypted
+text as it streams, then the time to first token (TTFT) and tokens/s.
 
-    python3 test_local.py --prompt "Sanity check."
+    python3 test_local.py --prompt "Sanity check."                  # here
+    python3 test_local.py --endpoint-id ID --prompt "Sanity check."  # on RunPod
 
-The job is test_input.json's plaintext request (with --prompt, if given),
-encrypted under ENCRYPTION_KEY. It runs twice: a warm-up, then the measured
-run, which must give the same greedy text. With MODELS unset, the worker runs
-the offline default: a tiny random-weight model built on the spot, whose
-text is gibberish by design. Set MODELS (and, on a GPU, nothing else) to
-check a real model.
+Here, it serves a loopback RunPod endpoint (local_endpoint.py), starts
+`python3 rp_handler.py` as that endpoint's worker with the container's
+variables (MODELS, ENCRYPTION_KEY, ...), and calls it with client.py, all
+over RunPod's real HTTP protocols. With --endpoint-id it calls a deployed
+endpoint instead (RUNPOD_API_KEY and ENCRYPTION_KEY from the environment).
+
+The job is test_input.json's plaintext request, with --prompt as its prompt.
+It runs twice: a warm-up, then the measured run, which must give the same
+text when sampling is greedy. With MODELS unset, the worker runs the offline
+default: a tiny random-weight model built on the spot, whose text is
+gibberish by design. Set MODELS to check a real model.
 
 Exits non-zero on any error, on a completion of 2 or more tokens that did not
-arrive in at least 2 pieces, and on a warm TTFT of 5 s or more.
+arrive in at least 2 separate pieces, and on a warm TTFT of 5 s or more.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
-import time
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import client
 import protocol
+from config import ConfigError, WorkerConfig
 
 TTFT_LIMIT_S = 5.0
+BOOT_TIMEOUT_S = 3600.0  # a cold start may download a large model first
+# Poll /stream often, so that the check can see a fast model stream.
+POLL_INTERVAL_S = 0.02
 HERE = Path(__file__).resolve().parent
-
-
-@dataclass
-class Run:
-    text: str
-    arrivals: int
-    ttft_s: float
-    total_s: float
-    completion_tokens: int
 
 
 def apply_offline_defaults(environ: dict) -> list[str]:
@@ -60,51 +62,25 @@ def apply_offline_defaults(environ: dict) -> list[str]:
     return notes
 
 
-def load_request(prompt: str | None) -> protocol.Request:
-    template = json.loads((HERE / "test_input.json").read_text())["input"]
+def load_request(prompt: str | None) -> dict:
+    """test_input.json's request (with `prompt`), checked against the schema."""
+    request = json.loads((HERE / "test_input.json").read_text())["input"]
     if prompt is not None:
-        template = {**template, "prompt": prompt}
-    return protocol.Request.model_validate(template)
+        request = {**request, "prompt": prompt}
+    protocol.Request.model_validate(request)
+    return request
 
 
-async def run_job(worker, channel: protocol.Channel, request, job_id: str, echo: bool) -> Run:
-    started = time.perf_counter()
-    first = None
-    pieces: list[str] = []
-    last = None
-    async for output in worker.handler({"id": job_id, "input": channel.seal_request(request)}):
-        if "error" in output:
-            raise RuntimeError(output["error"])
-        item = channel.open_item(output)
-        last = item
-        if item.text:
-            first = first or time.perf_counter()
-            pieces.append(item.text)
-            if echo:
-                print(item.text, end="", flush=True)
-    finished = time.perf_counter()
-    if echo:
-        print()
-    if last is None or last.usage is None:
-        raise RuntimeError("the stream ended without its final item")
-    return Run(
-        text="".join(pieces),
-        arrivals=len(pieces),
-        ttft_s=(first or finished) - started,
-        total_s=finished - started,
-        completion_tokens=last.usage.completion_tokens,
-    )
-
-
-def verdict(warm_up: Run, measured: Run, greedy: bool) -> list[str]:
+def verdict(warm_up: client.Completion, measured: client.Completion, greedy: bool) -> list[str]:
     problems = []
-    if measured.completion_tokens >= 2 and measured.arrivals < 2:
+    tokens = measured.usage.completion_tokens if measured.usage else 0
+    if tokens >= 2 and measured.arrivals < 2:
         problems.append(
-            f"output did not stream: {measured.completion_tokens} tokens arrived in "
-            f"{measured.arrivals} piece(s)"
+            f"output did not stream: {tokens} tokens arrived in {measured.arrivals} piece(s)"
         )
-    if measured.ttft_s >= TTFT_LIMIT_S:
-        problems.append(f"warm TTFT {measured.ttft_s:.2f} s is not under {TTFT_LIMIT_S:.0f} s")
+    if measured.ttft_s is None or measured.ttft_s >= TTFT_LIMIT_S:
+        ttft = "none" if measured.ttft_s is None else f"{measured.ttft_s:.2f} s"
+        problems.append(f"warm TTFT {ttft} is not under {TTFT_LIMIT_S:.0f} s")
     if greedy and measured.text != warm_up.text:
         problems.append("two greedy runs of the same request gave different text")
     if not measured.text:
@@ -112,27 +88,52 @@ def verdict(warm_up: Run, measured: Run, greedy: bool) -> list[str]:
     return problems
 
 
-async def verify(request: protocol.Request) -> int:
-    import rp_handler
-    from config import WorkerConfig
+@contextmanager
+def loopback_endpoint() -> Iterator[client.Client]:
+    """A loopback endpoint with `python3 rp_handler.py` as its worker."""
+    from local_endpoint import LocalEndpoint, Serving, WorkerProcess
 
-    config = WorkerConfig.from_env()
-    print(f"booting the worker on {config.models[0]} ...", flush=True)
-    engine = rp_handler.start_engine(config)
-    worker = rp_handler.Worker(engine, config.inbox())
-    channel = protocol.Channel(config.encryption_key)  # the client's side
-    try:
-        warm_up = await run_job(worker, channel, request, "warm-up", echo=False)
-        measured = await run_job(worker, channel, request, "measured", echo=True)
-    finally:
-        engine.shutdown()
+    config = WorkerConfig.from_env()  # fail here, at once, on a bad variable
+    endpoint = LocalEndpoint()
+    log_path = Path(tempfile.mkdtemp(prefix="test-local-")) / "worker.log"
+    with Serving(endpoint) as serving:
+        worker = WorkerProcess(serving, os.environ, log_path)
+        print(f"booting the worker on {config.models[0]} (log: {log_path}) ...", flush=True)
+        try:
+            worker.wait_ready(BOOT_TIMEOUT_S)
+            yield client.Client(
+                base_url=serving.url,
+                api_key=endpoint.api_key,
+                encryption_key=config.encryption_key,
+                poll_interval=POLL_INTERVAL_S,
+            )
+        except BaseException:
+            print(f"--- the end of the worker's log ---\n{worker.log_tail()}", file=sys.stderr)
+            raise
+        finally:
+            worker.stop()
 
-    tokens_per_s = measured.completion_tokens / measured.total_s if measured.total_s else 0.0
-    print(
-        f"TTFT {measured.ttft_s * 1000:.0f} ms | {measured.completion_tokens} tokens in "
-        f"{measured.arrivals} pieces | {tokens_per_s:.1f} tokens/s"
-    )
-    problems = verdict(warm_up, measured, greedy=request.sampling_params.temperature == 0)
+
+@contextmanager
+def deployed_endpoint(endpoint_id: str) -> Iterator[client.Client]:
+    print(f"calling the deployed endpoint {endpoint_id} ...", flush=True)
+    yield client.Client(endpoint_id, timeout=BOOT_TIMEOUT_S, poll_interval=POLL_INTERVAL_S)
+
+
+def verify(endpoint: client.Client, request: dict) -> int:
+    with endpoint:
+        warm_up = endpoint.run_sync(**request)
+        with endpoint.stream(**request) as deltas:
+            for delta in deltas:
+                print(delta, end="", flush=True)
+        measured = deltas.completion
+    print()
+    tokens = measured.usage.completion_tokens if measured.usage else 0
+    rate = f"{measured.tokens_per_s:.1f} tokens/s" if measured.tokens_per_s else "n/a tokens/s"
+    ttft = f"{measured.ttft_s * 1000:.0f} ms" if measured.ttft_s is not None else "none"
+    print(f"TTFT {ttft} | {tokens} tokens in {measured.arrivals} pieces | {rate}")
+    greedy = request.get("sampling_params", {}).get("temperature") == 0
+    problems = verdict(warm_up, measured, greedy)
     for problem in problems:
         print(f"FAIL: {problem}", file=sys.stderr)
     if not problems:
@@ -143,11 +144,21 @@ async def verify(request: protocol.Request) -> int:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompt", help="replaces the prompt of test_input.json")
+    parser.add_argument("--endpoint-id", help="check this deployed endpoint instead")
     args = parser.parse_args(argv)
-    for note in apply_offline_defaults(os.environ):
-        print(f"note: {note}")
     try:
-        return asyncio.run(verify(load_request(args.prompt)))
+        request = load_request(args.prompt)
+        if args.endpoint_id:
+            endpoint = deployed_endpoint(args.endpoint_id)
+        else:
+            for note in apply_offline_defaults(os.environ):
+                print(f"note: {note}")
+            endpoint = loopback_endpoint()
+        with endpoint as endpoint_client:
+            return verify(endpoint_client, request)
+    except ConfigError as error:
+        print(f"FAIL: {error}", file=sys.stderr)
+        return 2
     except Exception as error:  # any failure is a failed verification, said plainly
         print(f"FAIL: {type(error).__name__}: {error}", file=sys.stderr)
         return 1

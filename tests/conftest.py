@@ -1,23 +1,30 @@
-"""Session fixtures: the tiny model, a key, and one real vLLM engine.
+"""Session fixtures: the tiny model, a key, one real vLLM engine in this
+process, and one real worker process behind a loopback RunPod endpoint.
 
-The engine starts once per session (about half a minute on two cores) and
-every in-process test shares it, as jobs share it in production.
+Each starts once per session (about half a minute each on two cores) and
+the tests share them, as jobs share one engine in production.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 
+import httpx
 import pytest
 
 # The CPU backend sizes its KV cache from this (GiB); the tiny model needs little.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
+import client as client_module  # noqa: E402
+import local_endpoint  # noqa: E402
 import protocol  # noqa: E402
 import tiny_model  # noqa: E402
 
-MAX_MODEL_LEN = 512
+# Room for streams long enough to outlast the scheduling hiccups of two
+# engines sharing two cores.
+MAX_MODEL_LEN = 2048
 
 
 @pytest.fixture(scope="session")
@@ -48,10 +55,15 @@ def worker_env(tiny_model_dir, key) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 async def engine(worker_env):
+    from vllm.utils.gc_utils import freeze_gc_heap
+
     import rp_handler
     from config import WorkerConfig
 
     engine = rp_handler.start_engine(WorkerConfig.from_env(worker_env))
+    # The loopback endpoint serves from this process too: keep full garbage
+    # collections of the engine's start-up heap from pausing it.
+    freeze_gc_heap()
     yield engine
     engine.shutdown()
 
@@ -89,3 +101,68 @@ def pytest_terminal_summary(terminalreporter):
             terminalreporter.write_line(f"{count:6d}  {name}")
         total = sum(_fuzz_tally.values())
         terminalreporter.write_line(f"{total:6d}  cases in all, each FAILED with a stable code")
+
+
+@pytest.fixture(scope="session")
+def retired_key() -> str:
+    """A key the live worker still accepts but no longer answers under, as
+    in the middle of a rotation."""
+    return protocol.generate_key()
+
+
+@dataclasses.dataclass
+class Live:
+    """The production path on loopback: a RunPod endpoint and the real
+    worker process (`python3 rp_handler.py`) polling it."""
+
+    serving: local_endpoint.Serving
+    worker: local_endpoint.WorkerProcess
+    key: str
+
+    @property
+    def endpoint(self) -> local_endpoint.LocalEndpoint:
+        return self.serving.endpoint
+
+    def client(self, **options) -> client_module.Client:
+        options = {"encryption_key": self.key, "poll_interval": 0.02, **options}
+        return client_module.Client(
+            base_url=self.serving.url, api_key=self.endpoint.api_key, **options
+        )
+
+    def async_client(self, **options) -> client_module.AsyncClient:
+        options = {"encryption_key": self.key, "poll_interval": 0.02, **options}
+        return client_module.AsyncClient(
+            base_url=self.serving.url, api_key=self.endpoint.api_key, **options
+        )
+
+    def worker_log(self) -> str:
+        return self.worker.log_path.read_text(errors="replace")
+
+    def submit_raw(self, job_input) -> str:
+        """POST /run with this job input as it is, past the client's checks."""
+        response = httpx.post(
+            f"{self.serving.url}/run",
+            json={"input": job_input},
+            headers={"Authorization": f"Bearer {self.endpoint.api_key}"},
+        )
+        response.raise_for_status()
+        return response.json()["id"]
+
+    def failure_of(self, job_id: str) -> client_module.JobFailed:
+        """The JobFailed that following this job raises."""
+        with self.client() as endpoint, pytest.raises(client_module.JobFailed) as caught:
+            endpoint.job(job_id).result()
+        return caught.value
+
+
+@pytest.fixture(scope="session")
+def live(worker_env, key, retired_key, tmp_path_factory):
+    env = {**os.environ, **worker_env, "ENCRYPTION_KEY": f"{key},{retired_key}"}
+    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
+    with local_endpoint.Serving(local_endpoint.LocalEndpoint()) as serving:
+        worker = local_endpoint.WorkerProcess(serving, env, log_path)
+        try:
+            worker.wait_ready(timeout_s=600)
+            yield Live(serving, worker, key)
+        finally:
+            worker.stop()

@@ -1,16 +1,26 @@
-"""The client's local duties: key generation and validation before sending."""
+"""The client library on the production path: a loopback RunPod endpoint and
+the real worker process on the tiny model."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
+import time
 
 import pydantic
 import pytest
 from cryptography.fernet import Fernet
+from jobs import GREEDY, greedy_text
 
 import client
+import local_endpoint
 import protocol
+from protocol import ErrorCode
+
+
+async def expected_text(engine, hf_tokenizer, prompt: str, max_tokens: int) -> str:
+    return await greedy_text(engine, hf_tokenizer(prompt).input_ids, max_tokens)
 
 
 def test_generate_key_prints_a_fernet_key():
@@ -22,11 +32,170 @@ def test_generate_key_prints_a_fernet_key():
     Fernet(key.encode())  # raises if it is not a key
 
 
-def test_an_invalid_request_is_refused_before_anything_is_sent():
-    # Port 9 (discard) on loopback: a request that were sent would fail with a
-    # connection error, not with the validation error asserted here.
-    endpoint = client.Client(
-        base_url="http://127.0.0.1:9", api_key="k", encryption_key=protocol.generate_key()
+def test_an_invalid_request_is_refused_before_anything_is_sent(live):
+    jobs_before = set(live.endpoint.jobs)
+    with live.client() as endpoint:
+        with pytest.raises(pydantic.ValidationError, match="top_p"):
+            endpoint.stream("hi", sampling_params={"top_p": 3})
+    assert set(live.endpoint.jobs) == jobs_before
+
+
+async def test_run_sync_gives_the_greedy_text_with_usage_and_timings(live, engine, hf_tokenizer):
+    prompt = "Sanity check."
+    with live.client() as endpoint:
+        completion = endpoint.run_sync(prompt, sampling_params=GREEDY)
+
+    assert completion.text == await expected_text(engine, hf_tokenizer, prompt, 24)
+    assert completion.usage == protocol.Usage(len(hf_tokenizer(prompt).input_ids), 24)
+    assert completion.finish_reason == "length"
+    assert 0 < completion.ttft_s <= completion.total_s
+
+
+async def test_chunks_arrive_while_the_job_is_still_generating(live, engine, hf_tokenizer):
+    """More than one poll brings text: every poll but the last saw the job
+    still IN_PROGRESS, so the text was not held back to the end."""
+    prompt = "A long story."
+    sampling = {**GREEDY, "max_tokens": 1500}
+    with live.client() as endpoint:
+        with endpoint.stream(prompt, sampling_params=sampling) as deltas:
+            text = "".join(deltas)
+    completion = deltas.completion
+
+    assert text == await expected_text(engine, hf_tokenizer, prompt, 1500)
+    assert completion.arrivals >= 2
+    assert completion.usage.completion_tokens == 1500
+
+
+async def test_the_async_client_streams_and_runs(live, engine, hf_tokenizer):
+    prompt = "Sanity check, async."
+    async with live.async_client() as endpoint:
+        stream = await endpoint.stream(prompt, sampling_params=GREEDY)
+        async with stream:
+            text = "".join([delta async for delta in stream])
+        completion = await endpoint.run_sync(prompt, sampling_params=GREEDY)
+
+    expected = await expected_text(engine, hf_tokenizer, prompt, 24)
+    assert text == completion.text == expected
+    assert stream.completion.usage == completion.usage
+
+
+def wait_for(predicate, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_closing_a_stream_cancels_the_job_and_aborts_it_in_the_engine(live):
+    sampling = {**GREEDY, "max_tokens": 480}
+    with live.client() as endpoint:
+        stream = endpoint.stream("Stop me.", sampling_params=sampling)
+        next(stream)
+        stream.close()
+        job = stream.job
+        assert job.status() == "CANCELLED"
+
+    line = f"job {job.id} stopped early: request aborted, 0 unfinished in the engine"
+    wait_for(lambda: line in live.worker_log())
+
+
+def test_a_client_timeout_cancels_the_job(live):
+    sampling = {**GREEDY, "max_tokens": 480}
+    with live.client(timeout=0.05) as endpoint:
+        stream = endpoint.stream("Too slow.", sampling_params=sampling)
+        with pytest.raises(client.JobTimeout):
+            for _ in stream:
+                pass
+        assert stream.job.status() == "CANCELLED"
+
+
+async def test_an_abandoned_async_stream_cancels_the_job(live):
+    async with live.async_client() as endpoint:
+        stream = await endpoint.stream("Abandon me.", sampling_params={**GREEDY, "max_tokens": 480})
+        await anext(stream)
+        await stream.aclose()
+        assert await stream.job.status() == "CANCELLED"
+
+
+def test_each_worker_error_code_reaches_the_caller_as_job_failed(live, key):
+    request = protocol.validate_request(prompt="Sanity check.", sampling_params=GREEDY)
+    sealed = protocol.Channel(key).seal_request(request)
+    an_hour_ago = int(time.time()) - 3600
+    stale = Fernet(key.encode()).encrypt_at_time(b'{"prompt": "a"}', an_hour_ago).decode()
+    foreign = protocol.Channel(protocol.generate_key()).seal_request(request)
+    too_long = protocol.Channel(key).seal_request(
+        protocol.validate_request(prompt="word " * 3000, sampling_params={"max_tokens": 8})
     )
-    with pytest.raises(pydantic.ValidationError, match="top_p"):
-        next(endpoint.stream("hi", sampling_params={"top_p": 3}))
+
+    live.submit_raw(sealed)  # accepted once
+    cases = {
+        ErrorCode.REPLAYED: sealed,
+        ErrorCode.TOKEN_EXPIRED: {"ciphertext": stale},
+        ErrorCode.DECRYPTION_FAILED: foreign,
+        ErrorCode.INVALID_INPUT: too_long,
+    }
+    for code, job_input in cases.items():
+        failure = live.failure_of(live.submit_raw(job_input))
+        assert (failure.status, failure.code) == ("FAILED", code)
+
+
+def test_an_answer_under_a_key_the_client_lacks_is_decryption_failed(live, retired_key):
+    # Mid-rotation: the worker still accepts the retired key but answers
+    # under the current one, which this client was not given.
+    with live.client(encryption_key=retired_key) as endpoint:
+        with pytest.raises(client.DecryptionFailed):
+            endpoint.run_sync("Sanity check.", sampling_params=GREEDY)
+
+
+def test_a_wrong_api_key_is_an_authentication_error(live):
+    with client.Client(base_url=live.serving.url, api_key="wrong", encryption_key=live.key) as c:
+        with pytest.raises(client.AuthenticationError):
+            c.run_sync("hi")
+
+
+def test_an_unknown_endpoint_is_not_found(live):
+    url = live.serving.url.replace("/v2/local", "/v2/no-such-endpoint")
+    with client.Client(base_url=url, api_key=live.endpoint.api_key, encryption_key=live.key) as c:
+        with pytest.raises(client.EndpointNotFound):
+            c.run_sync("hi")
+
+
+@pytest.fixture
+def rate_limit(live):
+    def limit(requests: int, per_s: float) -> None:
+        live.endpoint.run_rate_limit = local_endpoint.RateLimit(requests, per_s)
+
+    yield limit
+    live.endpoint.run_rate_limit = None
+
+
+def test_a_429_is_retried_until_the_job_is_taken(live, rate_limit):
+    rate_limit(1, 0.5)
+    refused_before = live.endpoint.counts["rate_limited"]
+    with live.client() as endpoint:
+        first = endpoint.run_sync("One.", sampling_params=GREEDY)
+        second = endpoint.run_sync("Two.", sampling_params=GREEDY)
+    assert first.usage.completion_tokens == second.usage.completion_tokens == 24
+    assert live.endpoint.counts["rate_limited"] > refused_before
+
+
+def test_a_429_that_persists_is_rate_limited(live, rate_limit):
+    rate_limit(1, 60)
+    with live.client(max_retries=1) as endpoint:
+        endpoint.run_sync("One.", sampling_params=GREEDY)
+        with pytest.raises(client.RateLimited):
+            endpoint.run_sync("Two.", sampling_params=GREEDY)
+
+
+async def test_100_concurrent_streaming_clients_each_get_their_own_text(live, engine, hf_tokenizer):
+    prompts = [f"Client {n} asks about the quick brown fox." for n in range(100)]
+
+    async def one(prompt: str) -> str:
+        async with live.async_client() as endpoint:
+            stream = await endpoint.stream(prompt, sampling_params=GREEDY)
+            return "".join([delta async for delta in stream])
+
+    texts = await asyncio.gather(*(one(prompt) for prompt in prompts))
+
+    for prompt, text in zip(prompts, texts, strict=True):
+        assert text == await expected_text(engine, hf_tokenizer, prompt, 24)

@@ -85,7 +85,7 @@ async def test_invalid_input_fails_and_the_worker_serves_on(
             key, b'{"prompt": "Sanity check.", "sampling_params": {"beam_width": 4}}'
         ),
         "no prompt": _sealed_plaintext(key, b'{"sampling_params": {"max_tokens": 4}}'),
-        "prompt too long": _sealed_plaintext(key, b'{"prompt": "' + b"word " * 2000 + b'"}'),
+        "prompt too long": _sealed_plaintext(key, b'{"prompt": "' + b"word " * 5000 + b'"}'),
     }[case]
 
     error = only_error(await run_job(worker, job_input))

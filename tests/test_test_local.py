@@ -1,5 +1,5 @@
-"""The verification protocol itself: `python3 test_local.py` end to end, and
-the verdicts it can reach."""
+"""The verification protocol itself: `python3 test_local.py` end to end on
+the production path, and the verdicts it can reach."""
 
 from __future__ import annotations
 
@@ -7,36 +7,46 @@ import os
 import subprocess
 import sys
 
-from test_local import Run, verdict
+from client import Completion
+from protocol import Usage
+from test_local import verdict
 
-HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(text="abc", arrivals=3, ttft_s=0.01, tokens=3) -> Run:
-    return Run(text=text, arrivals=arrivals, ttft_s=ttft_s, total_s=1.0, completion_tokens=tokens)
+def completion(text="abc", arrivals=3, ttft_s=0.01, tokens=3) -> Completion:
+    return Completion(
+        text=text,
+        finish_reason="length",
+        usage=Usage(prompt_tokens=4, completion_tokens=tokens),
+        job_id="job",
+        ttft_s=ttft_s,
+        total_s=1.0,
+        arrivals=arrivals,
+    )
 
 
 def test_a_streamed_fast_repeatable_run_passes():
-    assert verdict(run(), run(), greedy=True) == []
+    assert verdict(completion(), completion(), greedy=True) == []
 
 
 def test_a_completion_in_one_piece_did_not_stream():
-    (problem,) = verdict(run(), run(arrivals=1), greedy=True)
+    (problem,) = verdict(completion(), completion(arrivals=1), greedy=True)
     assert "did not stream" in problem
 
 
 def test_a_single_token_completion_needs_no_second_piece():
-    assert verdict(run(tokens=1), run(arrivals=1, tokens=1), greedy=True) == []
+    assert verdict(completion(tokens=1), completion(arrivals=1, tokens=1), greedy=True) == []
 
 
 def test_a_slow_first_token_fails():
-    (problem,) = verdict(run(), run(ttft_s=5.0), greedy=True)
+    (problem,) = verdict(completion(), completion(ttft_s=5.0), greedy=True)
     assert "TTFT" in problem
 
 
 def test_greedy_runs_must_agree_and_sampled_ones_need_not():
-    assert verdict(run(text="abc"), run(text="abd"), greedy=False) == []
-    (problem,) = verdict(run(text="abc"), run(text="abd"), greedy=True)
+    assert verdict(completion(text="abc"), completion(text="abd"), greedy=False) == []
+    (problem,) = verdict(completion(text="abc"), completion(text="abd"), greedy=True)
     assert "different text" in problem
 
 
@@ -45,14 +55,23 @@ def test_the_command_streams_and_succeeds_on_the_tiny_model(tiny_model_dir):
     env.pop("ENCRYPTION_KEY", None)
     result = subprocess.run(
         [sys.executable, "test_local.py", "--prompt", "Sanity check."],
-        cwd=HERE,
+        cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert "SUCCESS" in lines
     (summary,) = [line for line in lines if line.startswith("TTFT ")]
     assert " tokens in " in summary and "tokens/s" in summary
+
+
+def test_a_bad_variable_fails_at_once_naming_it(tiny_model_dir):
+    env = {**os.environ, "MODELS": str(tiny_model_dir), "GPU_MEMORY_UTILIZATION": "2"}
+    result = subprocess.run(
+        [sys.executable, "test_local.py"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "GPU_MEMORY_UTILIZATION" in result.stderr
