@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 import protocol
+from utils import ModelRef, ModelSources, parse_models
 
 # Chosen so that one worker keeps enough sequences in flight for continuous
 # batching to fill a GPU (decode throughput flattens out around 32-64
@@ -38,7 +39,7 @@ class ConfigError(ValueError):
 class WorkerConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
-    models: tuple[str, ...] = Field(alias="MODELS", min_length=1)
+    models: tuple[ModelRef, ...] = Field(alias="MODELS", min_length=1)
     encryption_key: str = Field(alias="ENCRYPTION_KEY", repr=False)
     gpu_memory_utilization: float = Field(0.95, alias="GPU_MEMORY_UTILIZATION", gt=0, le=1)
     max_model_len: int | None = Field(None, alias="MAX_MODEL_LEN", ge=1)
@@ -52,13 +53,13 @@ class WorkerConfig(BaseModel):
     # The runpod SDK's own variable: at DEBUG it logs every job's input and
     # output (ciphertexts), so only quieter levels are accepted.
     runpod_log_level: Literal["INFO", "WARN", "ERROR"] = Field("INFO", alias="RUNPOD_LOG_LEVEL")
+    # CACHED_MODELS_DIR, BAKED_MODELS_DIR and the Hugging Face variables.
+    sources: ModelSources
 
     @field_validator("models", mode="before")
     @classmethod
     def _split_models(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return tuple(part.strip() for part in value.split(",") if part.strip())
-        return value
+        return parse_models(value) if isinstance(value, str) else value
 
     @field_validator("encryption_key")
     @classmethod
@@ -105,20 +106,29 @@ class WorkerConfig(BaseModel):
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> WorkerConfig:
         environ = os.environ if environ is None else environ
-        names = [field.alias for field in cls.model_fields.values()]
+        names = [field.alias for field in cls.model_fields.values() if field.alias]
         # An empty variable counts as unset, as RunPod's console leaves them.
         values = {name: environ[name] for name in names if environ.get(name, "").strip()}
         if "ENCRYPTION_KEY" not in values:
             # Let the key's own check explain what a valid key looks like.
             values["ENCRYPTION_KEY"] = ""
+        problems = []
         try:
-            return cls.model_validate(values)
+            values["sources"] = ModelSources.from_env(environ)
         except ValidationError as error:
-            raise ConfigError(_describe(error)) from None
+            problems += _describe(error)
+        try:
+            config = cls.model_validate(values)
+        except ValidationError as error:
+            problems += [line for line in _describe(error) if not line.startswith("sources")]
+        if problems:
+            raise ConfigError("\n  ".join(["invalid worker configuration:", *problems]))
+        return config
 
 
-def _describe(error: ValidationError) -> str:
-    lines = ["invalid worker configuration:"]
+def _describe(error: ValidationError) -> list[str]:
+    """One line per problem, naming the variable and never its value."""
+    lines = []
     for detail in error.errors(include_input=False, include_url=False):
         name = detail["loc"][0] if detail["loc"] else "environment"
         message = detail["msg"].removeprefix("Value error, ")
@@ -126,5 +136,5 @@ def _describe(error: ValidationError) -> str:
             message = f"{name} is required"
         elif not message.startswith(str(name)):
             message = f"{name}: {message}"
-        lines.append(f"  {message}")
-    return "\n".join(lines)
+        lines.append(message)
+    return lines

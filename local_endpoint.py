@@ -383,19 +383,17 @@ class LocalEndpoint:
         }
 
 
-class Serving:
-    """A LocalEndpoint served on loopback from a background thread, so that
+class ThreadServer:
+    """An aiohttp app served on loopback from a background thread, so that
     blocking clients can call it from the main thread."""
 
-    def __init__(self, endpoint: LocalEndpoint, port: int = 0):
-        self.endpoint = endpoint
+    def __init__(self, app: web.Application, port: int = 0):
         self._loop = asyncio.new_event_loop()
-        self._runner = web.AppRunner(endpoint.app, access_log=None)
+        self._runner = web.AppRunner(app, access_log=None)
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
         port = self._call(self._start(port))
         self.base_url = f"http://127.0.0.1:{port}"
-        self.url = f"{self.base_url}/v2/{endpoint.endpoint_id}"
 
     async def _start(self, port: int) -> int:
         await self._runner.setup()
@@ -406,19 +404,28 @@ class Serving:
     def _call(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
-    def worker_env(self, worker_id: str = "local-worker") -> dict[str, str]:
-        return self.endpoint.worker_env(self.base_url, worker_id)
-
     def close(self) -> None:
         self._call(self._runner.cleanup())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
 
-    def __enter__(self) -> Serving:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+class Serving(ThreadServer):
+    """A LocalEndpoint served from a background thread."""
+
+    def __init__(self, endpoint: LocalEndpoint, port: int = 0):
+        super().__init__(endpoint.app, port)
+        self.endpoint = endpoint
+        self.url = f"{self.base_url}/v2/{endpoint.endpoint_id}"
+
+    def worker_env(self, worker_id: str = "local-worker") -> dict[str, str]:
+        return self.endpoint.worker_env(self.base_url, worker_id)
 
 
 def _end_with_parent() -> None:

@@ -18,6 +18,7 @@ Rules:
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -56,11 +57,12 @@ _PROMPT_LENGTH_PARAMETERS = ("input_text", "input_tokens")
 
 
 class Worker:
-    """Serves jobs on one engine; holds no other state."""
+    """Serves jobs on one engine; holds no state of its own beyond aborts in flight."""
 
     def __init__(self, engine: AsyncLLMEngine, inbox: Inbox):
         self.engine = engine
         self.inbox = inbox
+        self._aborting: set[asyncio.Task] = set()
         model_config = engine.model_config
         self.max_model_len: int = model_config.max_model_len
         # The model's own defaults (generation_config.json), as `vllm serve` applies them.
@@ -95,10 +97,22 @@ class Worker:
         params = self._sampling_params(request)
         self._check_fits_context(engine_input, params)
         completion_tokens = 0
-        finished = False
+        finished = stopped = False
+
+        def stop_early(_job: asyncio.Task | None = None) -> None:
+            # Once, if the job ended before its request did. RunPod's stop
+            # signal cancels the job's task wherever it waits: often in the
+            # SDK's post of an item, while this generator sits at a yield and
+            # would only be closed by a later garbage collection.
+            nonlocal stopped
+            if not (finished or stopped):
+                stopped = True
+                self._abort_soon(request_id)
+
+        job = asyncio.current_task()
+        job.add_done_callback(stop_early)
         try:
-            # aclosing: leaving this loop early (the job cancelled, or the SDK
-            # closing us) aborts the request in the engine at once.
+            # aclosing: leaving this loop early closes the engine's stream too.
             async with aclosing(self.engine.generate(engine_input, params, request_id)) as outputs:
                 async for output in outputs:
                     delta = output.outputs[0]
@@ -116,12 +130,21 @@ class Worker:
             log.error("generation failed for %s: %s", request_id, type(error).__name__)
             raise ProtocolError(ErrorCode.ENGINE_ERROR, "generation failed") from None
         finally:
-            if not finished:
-                log.info(
-                    "job %s stopped early: request aborted, %d unfinished in the engine",
-                    request_id,
-                    self.engine.get_num_unfinished_requests(),
-                )
+            job.remove_done_callback(stop_early)
+            stop_early()
+
+    def _abort_soon(self, request_id: str) -> None:
+        task = asyncio.ensure_future(self._abort(request_id))
+        self._aborting.add(task)  # a reference, until it is done
+        task.add_done_callback(self._aborting.discard)
+
+    async def _abort(self, request_id: str) -> None:
+        await self.engine.abort(request_id)
+        log.info(
+            "job %s stopped early: request aborted, %d unfinished in the engine",
+            request_id,
+            self.engine.get_num_unfinished_requests(),
+        )
 
     async def _render(self, request: Request) -> dict:
         renderer = self.engine.renderer
@@ -203,12 +226,28 @@ def visible_gpus() -> int:
     return max(torch.cuda.device_count(), 1)
 
 
+class NoModelStarted(Exception):
+    """Every model of MODELS failed to resolve or to start; says why, each."""
+
+
 def start_engine(config: WorkerConfig) -> AsyncLLMEngine:
-    """Boot the engine on the first model of MODELS."""
-    model_name = config.models[0]
-    model_dir = utils.resolve_model(model_name)
-    arguments = engine_arguments(config, model_dir, model_name)
-    return AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**arguments))
+    """Boot the engine on the first model of MODELS that resolves and loads."""
+    engine_arguments(config, "", "")  # a bad ENGINE_ARGS fails at once, not per model
+    reasons = []
+    for ref in config.models:
+        try:
+            model_dir = utils.resolve(ref, config.sources)
+            arguments = engine_arguments(config, str(model_dir), ref.name)
+            engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**arguments))
+        except utils.ModelError as error:
+            reasons.append(str(error))
+        except Exception as error:  # the engine's own failures are many and varied
+            reasons.append(f"{ref}: the engine could not start: {type(error).__name__}: {error}")
+        else:
+            log.info("serving %s", ref)
+            return engine
+        log.warning("%s", reasons[-1])
+    raise NoModelStarted("no model of MODELS could start:\n  " + "\n  ".join(reasons))
 
 
 def _sdk_local_mode(argv: list[str]) -> bool:
@@ -239,8 +278,8 @@ def main(argv: list[str]) -> int:
     except ConfigError as error:
         log.error("%s", error)
         return 2
-    except Exception as error:
-        log.error("the engine could not start: %s: %s", type(error).__name__, error)
+    except NoModelStarted as error:
+        log.error("%s", error)
         return 1
 
     worker = Worker(engine, config.inbox())

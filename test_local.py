@@ -98,7 +98,8 @@ def loopback_endpoint() -> Iterator[client.Client]:
     log_path = Path(tempfile.mkdtemp(prefix="test-local-")) / "worker.log"
     with Serving(endpoint) as serving:
         worker = WorkerProcess(serving, os.environ, log_path)
-        print(f"booting the worker on {config.models[0]} (log: {log_path}) ...", flush=True)
+        models = ", ".join(map(str, config.models))
+        print(f"booting the worker on {models} (log: {log_path}) ...", flush=True)
         try:
             worker.wait_ready(BOOT_TIMEOUT_S)
             yield client.Client(

@@ -17,6 +17,8 @@ import pytest
 # The CPU backend sizes its KV cache from this (GiB); the tiny model needs little.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
+from local_hub import HubProcess, hub_layout  # noqa: E402
+
 import client as client_module  # noqa: E402
 import local_endpoint  # noqa: E402
 import protocol  # noqa: E402
@@ -156,8 +158,35 @@ class Live:
 
 
 @pytest.fixture(scope="session")
-def live(worker_env, key, retired_key, tmp_path_factory):
-    env = {**os.environ, **worker_env, "ENCRYPTION_KEY": f"{key},{retired_key}"}
+def tiny_model_files(tiny_model_dir) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in tiny_model_dir.iterdir() if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def hub(tmp_path_factory):
+    """A loopback Hugging Face Hub, in its own process."""
+
+    process = HubProcess(tmp_path_factory.mktemp("hub"))
+    yield process
+    process.close()
+
+
+@pytest.fixture(scope="session")
+def live(worker_env, key, retired_key, tiny_model_files, hub, tmp_path_factory):
+    """As on RunPod: MODELS names a model the Hub does not have, then one
+    the cached-model volume holds, under a lowercased folder name."""
+    volume = tmp_path_factory.mktemp("runpod-volume")
+    hub_layout(volume, "models--org--tiny-model", tiny_model_files)
+    env = {
+        **os.environ,
+        **worker_env,
+        "MODELS": "Org/No-Such-Model,Org/Tiny-Model",
+        "CACHED_MODELS_DIR": str(volume),
+        "BAKED_MODELS_DIR": str(volume / "none"),
+        "HF_HUB_CACHE": str(tmp_path_factory.mktemp("hub-cache")),
+        "HF_ENDPOINT": hub.url,
+        "ENCRYPTION_KEY": f"{key},{retired_key}",
+    }
     log_path = tmp_path_factory.mktemp("worker") / "worker.log"
     with local_endpoint.Serving(local_endpoint.LocalEndpoint()) as serving:
         worker = local_endpoint.WorkerProcess(serving, env, log_path)

@@ -6,6 +6,7 @@ import pytest
 
 import protocol
 from config import DEFAULT_MAX_CONCURRENCY, ConfigError, WorkerConfig
+from utils import ModelRef
 
 
 @pytest.fixture
@@ -15,7 +16,7 @@ def env() -> dict[str, str]:
 
 def test_defaults(env):
     config = WorkerConfig.from_env(env)
-    assert config.models == ("org/model",)
+    assert config.models == (ModelRef("org/model"),)
     assert config.gpu_memory_utilization == 0.95
     assert config.max_model_len is None
     assert config.dtype == "auto"
@@ -23,6 +24,9 @@ def test_defaults(env):
     assert config.engine_args == {}
     assert config.max_concurrency == DEFAULT_MAX_CONCURRENCY
     assert config.runpod_log_level == "INFO"
+    assert (config.encryption_ttl_s, config.padding_bucket) == (900, 256)
+    assert str(config.sources.cached_models_dir) == "/runpod-volume/huggingface-cache/hub"
+    assert (config.sources.hf_transfer, config.sources.offline) == (False, False)
 
 
 def test_every_variable_is_parsed(env):
@@ -37,7 +41,7 @@ def test_every_variable_is_parsed(env):
         RUNPOD_LOG_LEVEL="warn",
     )
     config = WorkerConfig.from_env(env)
-    assert config.models == ("org/a", "org/b")
+    assert config.models == (ModelRef("org/a"), ModelRef("org/b"))
     assert (config.gpu_memory_utilization, config.max_model_len) == (0.9, 4096)
     assert (config.dtype, config.tensor_parallel_size) == ("bfloat16", 2)
     assert config.engine_args == {"enforce_eager": True, "max_num_seqs": 32}
@@ -60,6 +64,9 @@ def test_every_problem_is_reported_at_once_and_the_key_is_never_repeated():
                 "ENGINE_ARGS": "[1]",
                 "MAX_CONCURRENCY": "0",
                 "RUNPOD_LOG_LEVEL": "DEBUG",
+                "PADDING_BUCKET": "100",
+                "HF_HUB_OFFLINE": "maybe",
+                "HF_TOKEN": "hf_secret_token",
             }
         )
     message = str(caught.value)
@@ -70,9 +77,11 @@ def test_every_problem_is_reported_at_once_and_the_key_is_never_repeated():
         "ENGINE_ARGS",
         "MAX_CONCURRENCY",
         "RUNPOD_LOG_LEVEL",
+        "PADDING_BUCKET",
+        "HF_HUB_OFFLINE",
     ):
         assert name in message
-    assert bad_key not in message
+    assert bad_key not in message and "hf_secret_token" not in message
 
 
 def test_a_missing_key_says_how_to_make_one(env):

@@ -144,3 +144,39 @@ async def test_a_replayed_or_expired_token_is_refused_and_the_worker_serves_on(
     error = only_error(await run_job(worker, {"ciphertext": stale.decode()}))
     assert error.code is ErrorCode.TOKEN_EXPIRED
     await valid_job_succeeds(worker, channel, engine, hf_tokenizer)
+
+
+@pytest.mark.parametrize("where", ["in the SDK's post", "waiting on the engine"])
+async def test_a_cancelled_job_aborts_its_request_at_once(where, worker, channel, engine):
+    """RunPod's stop signal cancels the SDK's task for the job, wherever it
+    waits: in its awaited post of an item (this generator then sits at a
+    yield), or inside the handler, waiting for the engine."""
+    request = protocol.validate_request(
+        prompt="Stop me.", sampling_params={**GREEDY, "max_tokens": 1500}
+    )
+    first_item = asyncio.Event()
+    # Held elsewhere too, as the SDK's wrapper generator and the cancelled
+    # task's traceback hold it: no garbage collection closes it for us.
+    handler = worker.handler({"id": f"cancel-{where}", "input": channel.seal_request(request)})
+
+    async def sdk_job() -> None:
+        async for _ in handler:
+            first_item.set()
+            if where == "in the SDK's post":
+                await asyncio.sleep(3600)  # the post the stop signal interrupts
+
+    job = asyncio.create_task(sdk_job())
+    await first_item.wait()
+    if where == "waiting on the engine":
+        await asyncio.sleep(0)  # let the job resume into the engine's stream
+    assert engine.get_num_unfinished_requests() == 1
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+
+    for _ in range(100):  # a few turns of the event loop
+        if engine.get_num_unfinished_requests() == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert engine.get_num_unfinished_requests() == 0
+    await handler.aclose()

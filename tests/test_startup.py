@@ -55,7 +55,26 @@ def test_the_sdk_local_modes_are_refused(tiny_model_dir):
 
 def test_an_engine_that_cannot_start_exits_non_zero_with_the_reason(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["NoSuchModel"]}')
+    (tmp_path / "model.safetensors").write_bytes(b"not really weights")
     env = {"MODELS": str(tmp_path), "ENCRYPTION_KEY": protocol.generate_key()}
     result = start_worker(env)
     assert result.returncode == 1
     assert "the engine could not start" in result.stdout + result.stderr
+
+
+def test_when_every_model_fails_the_worker_exits_with_every_reason(tmp_path):
+    env = {
+        "MODELS": "Org/First,Org/Second@v2",
+        "ENCRYPTION_KEY": protocol.generate_key(),
+        "HF_HUB_OFFLINE": "1",
+        "CACHED_MODELS_DIR": str(tmp_path),
+        "BAKED_MODELS_DIR": str(tmp_path),
+        "HF_HUB_CACHE": str(tmp_path),
+    }
+    result = start_worker(env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert "no model of MODELS could start" in output
+    assert "Org/First: HF_HUB_OFFLINE=1 and no cache holds a complete copy" in output
+    assert "Org/Second@v2: HF_HUB_OFFLINE=1" in output
+    assert ENGINE_STARTING not in output
