@@ -28,6 +28,11 @@ DEFAULT_MAX_CONCURRENCY = 64
 # Long enough for a job queued while a worker cold-starts (model download
 # included) to still be accepted; a client can resend an expired job.
 DEFAULT_ENCRYPTION_TTL_S = 900
+# Stream items a second, all jobs together. Each item is an encryption and an
+# HTTP post to RunPod; past this rate a stream's items carry several tokens.
+# 1000 keeps a 2-core CPU's per-item cost under 2% of a core (bench/throughput.py)
+# and still sends a lone stream an item a millisecond.
+DEFAULT_MAX_ITEMS_PER_S = 1000.0
 # Room for a prompt that fills a 128k-token context, padded and encrypted.
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
@@ -49,6 +54,9 @@ class WorkerConfig(BaseModel):
     max_concurrency: int = Field(DEFAULT_MAX_CONCURRENCY, alias="MAX_CONCURRENCY", ge=1)
     encryption_ttl_s: int = Field(DEFAULT_ENCRYPTION_TTL_S, alias="ENCRYPTION_TTL", ge=1)
     max_request_bytes: int = Field(DEFAULT_MAX_REQUEST_BYTES, alias="MAX_REQUEST_BYTES", ge=1024)
+    max_items_per_s: float = Field(
+        DEFAULT_MAX_ITEMS_PER_S, alias="MAX_ITEMS_PER_SECOND", ge=0, allow_inf_nan=False
+    )
     padding_bucket: int = Field(protocol.ITEM_BUCKET_BYTES, alias="PADDING_BUCKET", ge=0)
     # The runpod SDK's own variable: at DEBUG it logs every job's input and
     # output (ciphertexts), so only quieter levels are accepted.

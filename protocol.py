@@ -26,7 +26,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -368,6 +368,11 @@ CLOCK_SKEW_S = 60
 REPLAY_CAPACITY = 65536
 
 
+class Admission(NamedTuple):
+    request: Request
+    issued_at: int  # when the client encrypted it (Fernet's timestamp, in seconds)
+
+
 class Inbox:
     """The worker's side of the channel: admits a job's request once, while
     fresh, within the size limit, or refuses it with a ProtocolError."""
@@ -385,7 +390,7 @@ class Inbox:
         self.max_request_bytes = max_request_bytes
         self._replays = ReplayGuard(replay_capacity)
 
-    def admit(self, job_input: Any, now: float | None = None) -> Request:
+    def admit(self, job_input: Any, now: float | None = None) -> Admission:
         token = self._token_of(job_input)
         plaintext, issued_at = self.channel.decrypt_token(token)
         now = time.time() if now is None else now
@@ -405,7 +410,7 @@ class Inbox:
         if refused is ErrorCode.TOKEN_EXPIRED:
             raise ProtocolError(refused, "token is older than this worker's replay window")
         try:
-            return Request.model_validate_json(plaintext)
+            return Admission(Request.model_validate_json(plaintext), issued_at)
         except ValidationError as error:
             raise _refusal(error) from None
 

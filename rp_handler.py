@@ -7,9 +7,13 @@ Rules:
   the engine are checked before the first job is taken, and the process exits
   non-zero with a clear message if any of them fails.
 - `Worker.handler` is an async generator, so every job shares one event loop
-  and one engine (continuous batching). Each yielded item is one encrypted
-  delta. The SDK posts it before resuming us while the engine keeps
-  accumulating deltas, so a slow network coalesces tokens and loses none.
+  and one engine (continuous batching). Each yielded item is the encrypted
+  text since the previous one; a stream yields at most its share of
+  MAX_ITEMS_PER_SECOND, and the SDK posts each item before resuming us, so
+  busy workers and slow networks coalesce tokens and lose none.
+- Every finished job logs one `job done {...}` line of numbers.
+- A dead engine fails every job in flight with ENGINE_ERROR and the worker
+  exits non-zero, so that RunPod replaces it.
 - A job fails only by yielding `{"error": "<CODE>: <reason>"}`: never by
   raising (the SDK would put a traceback into the job's error) and never
   inside successful output.
@@ -20,11 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import os
+import signal
 import sys
+import time
 import traceback
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -52,18 +59,74 @@ _RESERVED_ENGINE_ARGS = {
     "tensor_parallel_size",
     "enable_log_requests",
 }
+# Prompts up to this long are tokenized on the event loop (see Worker._render).
+INLINE_TOKENIZE_CHARS = 4096
 # What vLLM's renderer names the prompt in its "longer than the context" errors.
 _PROMPT_LENGTH_PARAMETERS = ("input_text", "input_tokens")
 
 
-class Worker:
-    """Serves jobs on one engine; holds no state of its own beyond aborts in flight."""
+@dataclasses.dataclass
+class JobRecord:
+    """What the one log line of a finished job says: numbers, never text."""
 
-    def __init__(self, engine: AsyncLLMEngine, inbox: Inbox):
+    job: str
+    model: str
+    received: float = dataclasses.field(default_factory=time.monotonic)
+    queue_wait_s: float | None = None  # since the client encrypted it: RunPod's queue and transit
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    first_item: float | None = None
+    last_item: float | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+
+    def line(self) -> str:
+        ttft = self.first_item - self.received if self.first_item else None
+        streaming = (self.last_item or 0) - (self.first_item or 0)
+        rate = self.completion_tokens / streaming if streaming > 0 else None
+        fields = {
+            "job": self.job,
+            "model": self.model,
+            "outcome": "failed" if self.error else "completed",
+            "error": self.error,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "queue_wait_s": _rounded(self.queue_wait_s),
+            "ttft_s": _rounded(ttft),
+            "tokens_per_s": _rounded(rate, 1),
+            "finish_reason": self.finish_reason,
+        }
+        return json.dumps({key: value for key, value in fields.items() if value is not None})
+
+
+def _rounded(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+class Worker:
+    """Serves jobs on one engine; its only state is the bookkeeping of jobs in flight."""
+
+    def __init__(
+        self,
+        engine: AsyncLLMEngine,
+        inbox: Inbox,
+        *,
+        max_items_per_s: float = 0,
+        on_engine_death: Callable[[], None] = lambda: None,
+    ):
         self.engine = engine
         self.inbox = inbox
+        self.max_items_per_s = max_items_per_s
+        self.on_engine_death = on_engine_death
         self._aborting: set[asyncio.Task] = set()
+        # Jobs' tasks while they await the engine, and those of them that
+        # the engine's death watch cancelled (see _watch_engine).
+        self._in_engine: set[asyncio.Task] = set()
+        self._failing: set[asyncio.Task] = set()
+        self._watch: asyncio.Task | None = None
+        self._death_reported = False
         model_config = engine.model_config
+        self.model_name: str = model_config.served_model_name
         self.max_model_len: int = model_config.max_model_len
         # The model's own defaults (generation_config.json), as `vllm serve` applies them.
         self.default_sampling = model_config.get_diff_sampling_param()
@@ -76,28 +139,39 @@ class Worker:
         )
 
     async def handler(self, job: dict) -> AsyncIterator[dict]:
-        """A RunPod job in, encrypted stream items out."""
-        job_id = job.get("id")
+        """A RunPod job in, encrypted stream items out; one log line at its end."""
+        record = JobRecord(job=str(job.get("id")), model=self.model_name)
+        self._start_watch()
         try:
-            request = self.inbox.admit(job.get("input"))
-            async for item in self.generate(request, request_id=str(job_id)):
+            request, issued_at = self.inbox.admit(job.get("input"))
+            record.queue_wait_s = max(time.time() - issued_at, 0.0)
+            async for item in self.generate(request, record):
                 yield self.inbox.channel.seal_item(item)
         except ProtocolError as error:
-            log.info("job %s failed: %s", job_id, error.code.value)
+            record.error = error.code.value
+            log.info("job done %s", record.line())
             yield {"error": str(error)}
         except Exception as error:
             # A bug must fail the job, not reach the SDK, which would put the
             # exception's message (possibly request content) in the job's error.
-            log.error("job %s failed: internal error %s", job_id, _where(error))
+            record.error = ErrorCode.ENGINE_ERROR.value
+            log.error("job %s: internal error %s", record.job, _where(error))
+            log.info("job done %s", record.line())
             yield {"error": f"{ErrorCode.ENGINE_ERROR}: internal error in the worker"}
+        else:
+            log.info("job done %s", record.line())
 
-    async def generate(self, request: Request, request_id: str) -> AsyncIterator[StreamItem]:
-        """Plaintext deltas of one request; the last carries finish_reason and usage."""
+    async def generate(self, request: Request, record: JobRecord) -> AsyncIterator[StreamItem]:
+        """Plaintext deltas of one request; the last carries finish_reason and
+        usage. Keeps `record` up to date."""
+        request_id = record.job
         engine_input = await self._render(request)
         params = self._sampling_params(request)
         self._check_fits_context(engine_input, params)
-        completion_tokens = 0
+        record.prompt_tokens = len(engine_input["prompt_token_ids"])
         finished = stopped = False
+        held: list[str] = []  # text of deltas not yet sent
+        next_item_due = 0.0
 
         def stop_early(_job: asyncio.Task | None = None) -> None:
             # Once, if the job ended before its request did. RunPod's stop
@@ -114,24 +188,81 @@ class Worker:
         try:
             # aclosing: leaving this loop early closes the engine's stream too.
             async with aclosing(self.engine.generate(engine_input, params, request_id)) as outputs:
-                async for output in outputs:
+                while True:
+                    self._in_engine.add(job)
+                    try:
+                        output = await anext(outputs)
+                    except StopAsyncIteration:
+                        break
+                    finally:
+                        self._in_engine.discard(job)
                     delta = output.outputs[0]
-                    completion_tokens += len(delta.token_ids)
+                    record.completion_tokens += len(delta.token_ids)
+                    held.append(delta.text)
                     if output.finished:
                         finished = True
-                        usage = Usage(len(output.prompt_token_ids), completion_tokens)
-                        yield StreamItem(delta.text, delta.finish_reason, usage)
-                    elif delta.text:
-                        yield StreamItem(delta.text)
+                        record.finish_reason = delta.finish_reason
+                        usage = Usage(record.prompt_tokens, record.completion_tokens)
+                        item = StreamItem("".join(held), delta.finish_reason, usage)
+                    elif delta.text and time.monotonic() >= next_item_due:
+                        item = StreamItem("".join(held))
+                    else:
+                        continue  # held back: pacing, or a character not yet complete
+                    held.clear()
+                    record.last_item = time.monotonic()
+                    record.first_item = record.first_item or record.last_item
+                    yield item
+                    next_item_due = record.last_item + self._item_interval()
+        except asyncio.CancelledError:
+            if job not in self._failing:
+                raise  # RunPod's stop signal
+            self._failing.discard(job)
+            job.uncancel()
+            raise self._engine_died(request_id, "stuck on the dead engine") from None
         except (VLLMClientError, ValueError) as error:
             log.info("engine refused request %s: %s", request_id, type(error).__name__)
             raise ProtocolError(ErrorCode.INVALID_INPUT, "the engine refused the request") from None
         except Exception as error:
+            if self.engine.errored:
+                raise self._engine_died(request_id, type(error).__name__) from None
             log.error("generation failed for %s: %s", request_id, type(error).__name__)
             raise ProtocolError(ErrorCode.ENGINE_ERROR, "generation failed") from None
         finally:
             job.remove_done_callback(stop_early)
             stop_early()
+
+    def _item_interval(self) -> float:
+        """Each stream's share of max_items_per_s, in seconds. An item costs
+        an encryption here and an HTTP post to RunPod whether it holds one
+        token or ten: pacing keeps that cost flat as streams multiply, while
+        a lone stream still gets its tokens as they come."""
+        if not self.max_items_per_s:
+            return 0.0
+        return self.engine.get_num_unfinished_requests() / self.max_items_per_s
+
+    def _start_watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._watch is None or self._watch.done() or self._watch.get_loop() is not loop:
+            self._watch = loop.create_task(self._watch_engine())
+
+    async def _watch_engine(self, every_s: float = 0.5) -> None:
+        """A dying engine fails the requests it holds with EngineDeadError,
+        but a job caught on its way in (adding its request as the engine
+        died) would wait forever: cancel those, to fail them too."""
+        while True:
+            await asyncio.sleep(every_s)
+            if self.engine.errored:
+                for task in self._in_engine - self._failing:
+                    self._failing.add(task)
+                    task.cancel()
+
+    def _engine_died(self, request_id: str, why: str) -> ProtocolError:
+        log.error("the engine died (%s); failing job %s", why, request_id)
+        if not self._death_reported:
+            self._death_reported = True
+            self.on_engine_death()
+        reason = "the engine died; this worker is being replaced"
+        return ProtocolError(ErrorCode.ENGINE_ERROR, reason)
 
     def _abort_soon(self, request_id: str) -> None:
         task = asyncio.ensure_future(self._abort(request_id))
@@ -139,7 +270,8 @@ class Worker:
         task.add_done_callback(self._aborting.discard)
 
     async def _abort(self, request_id: str) -> None:
-        await self.engine.abort(request_id)
+        if not self.engine.errored:
+            await self.engine.abort(request_id)
         log.info(
             "job %s stopped early: request aborted, %d unfinished in the engine",
             request_id,
@@ -148,15 +280,25 @@ class Worker:
 
     async def _render(self, request: Request) -> dict:
         renderer = self.engine.renderer
+        # vLLM tokenizes in a thread so that a long prompt never stalls the
+        # other streams; but under load the hop back costs a job a turn of a
+        # busy event loop and a GIL switch (about 10 ms at 64 streams on two
+        # cores, measured) where tokenizing a short prompt inline costs 0.1 ms.
+        inline = _prompt_chars(request) <= INLINE_TOKENIZE_CHARS
         try:
             if request.prompt is not None:
-                prompt = parse_model_prompt(self.engine.model_config, request.prompt)
-                (engine_input,) = await renderer.render_cmpl_async([prompt])
+                prompts = [parse_model_prompt(self.engine.model_config, request.prompt)]
+                if inline:
+                    (engine_input,) = renderer.render_cmpl(prompts)
+                else:
+                    (engine_input,) = await renderer.render_cmpl_async(prompts)
             else:
-                messages = [message.model_dump() for message in request.messages]
-                _, (engine_input,) = await renderer.render_chat_async(
-                    [messages], self.chat_params, self.chat_tokenize
-                )
+                chats = [[message.model_dump() for message in request.messages]]
+                arguments = (chats, self.chat_params, self.chat_tokenize)
+                if inline:
+                    _, (engine_input,) = renderer.render_chat(*arguments)
+                else:
+                    _, (engine_input,) = await renderer.render_chat_async(*arguments)
         except Exception as error:
             raise self._render_refusal(error) from None
         return engine_input
@@ -188,6 +330,12 @@ class Worker:
                 ErrorCode.INVALID_INPUT,
                 f"prompt plus max_tokens exceed the model's context of {self.max_model_len} tokens",
             )
+
+
+def _prompt_chars(request: Request) -> int:
+    if request.prompt is not None:
+        return len(request.prompt)
+    return sum(len(message.content) for message in request.messages)
 
 
 def _where(error: BaseException) -> str:
@@ -282,7 +430,15 @@ def main(argv: list[str]) -> int:
         log.error("%s", error)
         return 1
 
-    worker = Worker(engine, config.inbox())
+    # A dead engine cannot come back: fail what is in flight, then stop as
+    # RunPod stops a worker (SIGTERM: the SDK takes no more jobs and reports
+    # those in hand), and exit non-zero so that RunPod replaces this worker.
+    worker = Worker(
+        engine,
+        config.inbox(),
+        max_items_per_s=config.max_items_per_s,
+        on_engine_death=lambda: os.kill(os.getpid(), signal.SIGTERM),
+    )
     # Start-up leaves millions of long-lived objects (torch, vLLM, the
     # tokenizer); each full garbage collection walked them all, stalling
     # every stream for about half a second (measured). vLLM's own server
@@ -304,6 +460,9 @@ def main(argv: list[str]) -> int:
             "return_aggregate_stream": True,
         }
     )
+    if engine.errored:
+        log.error("the engine died; exiting so that RunPod replaces this worker")
+        return 1
     return 0
 
 

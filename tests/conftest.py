@@ -75,7 +75,8 @@ def worker(engine, worker_env):
     import rp_handler
     from config import WorkerConfig
 
-    return rp_handler.Worker(engine, WorkerConfig.from_env(worker_env).inbox())
+    config = WorkerConfig.from_env(worker_env)
+    return rp_handler.Worker(engine, config.inbox(), max_items_per_s=config.max_items_per_s)
 
 
 @pytest.fixture(scope="session")

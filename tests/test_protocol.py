@@ -50,7 +50,7 @@ def test_a_request_survives_the_round_trip(key):
     job_input = channel.seal_request(request)
 
     assert set(job_input) == {"ciphertext"}
-    assert inbox_for(key).admit(job_input) == request
+    assert inbox_for(key).admit(job_input).request == request
 
 
 def test_stream_items_survive_the_round_trip(key):
@@ -134,8 +134,8 @@ def test_during_rotation_every_key_decrypts_and_the_first_encrypts():
     request = protocol.validate_request(prompt="rotate")
     rotating = inbox_for(f"{new},{old}")
 
-    assert rotating.admit(Channel(old).seal_request(request)) == request
-    assert rotating.admit(Channel(new).seal_request(request)) == request
+    assert rotating.admit(Channel(old).seal_request(request)).request == request
+    assert rotating.admit(Channel(new).seal_request(request)).request == request
 
     item = rotating.channel.seal_item(StreamItem("hi"))
     assert Channel(new).open_item(item) == StreamItem("hi")
@@ -168,7 +168,7 @@ def test_a_token_older_than_the_ttl_has_expired(key):
     fresh = sealed(key, b'{"prompt": "a"}', at=now - TTL + 5)
     stale = sealed(key, b'{"prompt": "a"}', at=now - TTL - 5)
 
-    assert inbox.admit(fresh, now=now).prompt == "a"
+    assert inbox.admit(fresh, now=now).request.prompt == "a"
     error = refusal(inbox, stale, now=now)
     assert error.code is ErrorCode.TOKEN_EXPIRED and "ENCRYPTION_TTL=900" in error.reason
 
@@ -176,7 +176,7 @@ def test_a_token_older_than_the_ttl_has_expired(key):
 def test_a_client_clock_slightly_ahead_is_allowed_and_far_ahead_is_not(key):
     now = time.time()
     inbox = inbox_for(key)
-    assert inbox.admit(sealed(key, b'{"prompt": "a"}', at=now + 30), now=now).prompt == "a"
+    assert inbox.admit(sealed(key, b'{"prompt": "a"}', at=now + 30), now=now).request.prompt == "a"
     error = refusal(inbox, sealed(key, b'{"prompt": "a"}', at=now + 300), now=now)
     assert error.code is ErrorCode.TOKEN_EXPIRED
 
@@ -185,7 +185,7 @@ def test_a_token_is_accepted_once(key):
     inbox = inbox_for(key)
     job_input = Channel(key).seal_request(protocol.validate_request(prompt="once"))
 
-    assert inbox.admit(job_input).prompt == "once"
+    assert inbox.admit(job_input).request.prompt == "once"
     assert refusal(inbox, job_input).code is ErrorCode.REPLAYED
     assert refusal(inbox, job_input).code is ErrorCode.REPLAYED
 

