@@ -30,8 +30,8 @@ DEFAULT_MAX_CONCURRENCY = 64
 DEFAULT_ENCRYPTION_TTL_S = 900
 # Stream items a second, all jobs together. Each item is an encryption and an
 # HTTP post to RunPod; past this rate a stream's items carry several tokens.
-# 1000 keeps a 2-core CPU's per-item cost under 2% of a core (bench/throughput.py)
-# and still sends a lone stream an item a millisecond.
+# At about 10 us an item (bench/channel.py), 1000 cost about 1% of a core,
+# and a lone stream still gets an item a millisecond.
 DEFAULT_MAX_ITEMS_PER_S = 1000.0
 # Room for a prompt that fills a 128k-token context, padded and encrypted.
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
