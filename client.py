@@ -42,7 +42,7 @@ import httpx
 import pydantic
 
 import protocol
-from protocol import Channel, ErrorCode, ProtocolError, Request, StreamItem, Usage
+from protocol import Channel, ErrorCode, ProtocolError, StreamItem, Usage
 
 RUNPOD_API = "https://api.runpod.ai/v2"
 FINAL_STATUSES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
@@ -133,9 +133,17 @@ class _Tracker:
     # batch up between polls, gently on RunPod's rate limits.
     HOLD_S, FAST_S, FAST_FOR_S, GROWTH, SLOWEST_S = 10.0, 0.025, 1.0, 1.5, 1.0
 
-    def __init__(self, channel: Channel, job_id: str, submitted_at: float, poll_interval: float):
+    def __init__(
+        self,
+        channel: Channel,
+        job_id: str,
+        submitted_at: float,
+        poll_interval: float,
+        timeout: float | None,
+    ):
         self.channel, self.job_id, self.submitted_at = channel, job_id, submitted_at
         self.poll_interval = poll_interval
+        self.deadline = submitted_at + timeout if timeout else None
         self._hold_s = self.HOLD_S
         self.status = "IN_QUEUE"
         self.pieces: list[str] = []
@@ -146,9 +154,9 @@ class _Tracker:
         self._last_poll_empty = False
         self._delay = self.FAST_S
 
-    def poll_path(self, deadline: float | None) -> str:
-        """The next /stream request, held no later than `deadline`."""
-        left = deadline - time.monotonic() if deadline else self.HOLD_S
+    def poll_path(self) -> str:
+        """The next /stream request, held no later than the deadline."""
+        left = self.deadline - time.monotonic() if self.deadline else self.HOLD_S
         self._hold_s = max(min(self.HOLD_S, left), 0.0)
         return f"/stream/{self.job_id}?wait={int(self._hold_s * 1000)}"
 
@@ -182,6 +190,15 @@ class _Tracker:
         or (as RunPod's own clients decide) a final status with no chunks."""
         final_item_seen = self.last is not None and self.last.usage is not None
         return self.status in FINAL_STATUSES and (final_item_seen or self._last_poll_empty)
+
+    @property
+    def overdue(self) -> bool:
+        """The client's timeout passed while the job was still unfinished."""
+        return (
+            self.deadline is not None
+            and time.monotonic() > self.deadline
+            and self.status not in FINAL_STATUSES
+        )
 
     def next_delay(self) -> float:
         return self._delay
@@ -225,6 +242,15 @@ def _backoff(attempt: int) -> float:
     return min(0.5 * 2**attempt, 8.0) * random.uniform(0.5, 1.0)
 
 
+def _transport_retry_delay(
+    error: httpx.TransportError, method: str, path: str, attempt: int, max_retries: int
+) -> float | None:
+    """How long to wait before sending again after no answer, or None: do not.
+    A refused connection never reached the server; anything else might have."""
+    repeatable = isinstance(error, httpx.ConnectError) or _safe_to_repeat(method, path)
+    return _backoff(attempt) if repeatable and attempt < max_retries else None
+
+
 def _retry_delay(response: httpx.Response, attempt: int, max_retries: int) -> float | None:
     """How long to wait before repeating this request, or None: do not."""
     if attempt >= max_retries:
@@ -245,15 +271,6 @@ def _job_failure(job_id: str, envelope: dict) -> JobFailed:
     if status == "TIMED_OUT":
         return JobTimeout(job_id, status, error)
     return JobFailed(job_id, status, error)
-
-
-def _request_of(
-    prompt: str | None,
-    messages: Sequence[dict[str, str]] | None,
-    sampling_params: dict[str, Any] | None,
-) -> Request:
-    """The validated request; pydantic's ValidationError says what is wrong."""
-    return protocol.validate_request(prompt, messages, sampling_params)
 
 
 def _settings(
@@ -298,7 +315,7 @@ class Client:
         messages: Sequence[dict[str, str]] | None = None,
         sampling_params: dict[str, Any] | None = None,
     ) -> Job:
-        request = _request_of(prompt, messages, sampling_params)
+        request = protocol.validate_request(prompt, messages, sampling_params)
         submitted_at = time.monotonic()
         reply = self._call("POST", "/run", {"input": self.channel.seal_request(request)})
         return Job(self, reply["id"], submitted_at)
@@ -332,9 +349,9 @@ class Client:
             try:
                 response = self._http.request(method, path, json=body)
             except httpx.TransportError as error:
-                repeatable = isinstance(error, httpx.ConnectError) or _safe_to_repeat(method, path)
-                if repeatable and attempt < self.max_retries:
-                    time.sleep(_backoff(attempt))
+                delay = _transport_retry_delay(error, method, path, attempt, self.max_retries)
+                if delay is not None:
+                    time.sleep(delay)
                     continue
                 raise ServerError(f"cannot reach {path}: {type(error).__name__}") from error
             if response.status_code < 400:
@@ -369,20 +386,17 @@ class Job:
 
     def _follow(self) -> Iterator[str | Completion]:
         client = self._client
-        tracker = _Tracker(client.channel, self.id, self.submitted_at, client.poll_interval)
-        deadline = client.timeout and self.submitted_at + client.timeout
+        tracker = _Tracker(
+            client.channel, self.id, self.submitted_at, client.poll_interval, client.timeout
+        )
         try:
             while True:
                 asked = time.monotonic()
-                body = client._call("GET", tracker.poll_path(deadline))
+                body = client._call("GET", tracker.poll_path())
                 yield from tracker.feed(body, held_s=time.monotonic() - asked)
                 if tracker.ended:
                     break
-                if (
-                    deadline
-                    and time.monotonic() > deadline
-                    and tracker.status not in FINAL_STATUSES
-                ):
+                if tracker.overdue:
                     raise JobTimeout(self.id, "cancelled after the client's timeout")
                 time.sleep(tracker.next_delay())
         finally:
@@ -466,7 +480,7 @@ class AsyncClient:
         messages: Sequence[dict[str, str]] | None = None,
         sampling_params: dict[str, Any] | None = None,
     ) -> AsyncJob:
-        request = _request_of(prompt, messages, sampling_params)
+        request = protocol.validate_request(prompt, messages, sampling_params)
         submitted_at = time.monotonic()
         reply = await self._call("POST", "/run", {"input": self.channel.seal_request(request)})
         return AsyncJob(self, reply["id"], submitted_at)
@@ -497,9 +511,9 @@ class AsyncClient:
             try:
                 response = await self._http.request(method, path, json=body)
             except httpx.TransportError as error:
-                repeatable = isinstance(error, httpx.ConnectError) or _safe_to_repeat(method, path)
-                if repeatable and attempt < self.max_retries:
-                    await asyncio.sleep(_backoff(attempt))
+                delay = _transport_retry_delay(error, method, path, attempt, self.max_retries)
+                if delay is not None:
+                    await asyncio.sleep(delay)
                     continue
                 raise ServerError(f"cannot reach {path}: {type(error).__name__}") from error
             if response.status_code < 400:
@@ -532,21 +546,18 @@ class AsyncJob:
 
     async def _follow(self) -> AsyncIterator[str | Completion]:
         client = self._client
-        tracker = _Tracker(client.channel, self.id, self.submitted_at, client.poll_interval)
-        deadline = client.timeout and self.submitted_at + client.timeout
+        tracker = _Tracker(
+            client.channel, self.id, self.submitted_at, client.poll_interval, client.timeout
+        )
         try:
             while True:
                 asked = time.monotonic()
-                body = await client._call("GET", tracker.poll_path(deadline))
+                body = await client._call("GET", tracker.poll_path())
                 for text in tracker.feed(body, held_s=time.monotonic() - asked):
                     yield text
                 if tracker.ended:
                     break
-                if (
-                    deadline
-                    and time.monotonic() > deadline
-                    and tracker.status not in FINAL_STATUSES
-                ):
+                if tracker.overdue:
                     raise JobTimeout(self.id, "cancelled after the client's timeout")
                 await asyncio.sleep(tracker.next_delay())
         finally:

@@ -83,7 +83,6 @@ class Stream:
 class Level:
     """One variant at one concurrency, over all its rounds."""
 
-    wall_s: float = 0.0
     streams: list[Stream] = field(default_factory=list)
     round_rates: list[float] = field(default_factory=list)  # tokens/s of each round
     peak_rss: int = 0
@@ -179,7 +178,6 @@ async def run_level(runner: Runner, prompts: list[str], concurrency: int, level:
     wall_s = time.monotonic() - started
     streams = [stream for _, stream in sorted(itertools.chain(*results))]
     runner.finish(streams)
-    level.wall_s += wall_s
     level.streams += streams
     level.round_rates.append(sum(stream.tokens for stream in streams) / wall_s)
 
