@@ -28,11 +28,14 @@ DEFAULT_MAX_CONCURRENCY = 64
 # Long enough for a job queued while a worker cold-starts (model download
 # included) to still be accepted; a client can resend an expired job.
 DEFAULT_ENCRYPTION_TTL_S = 900
-# Stream items a second, all jobs together. Each item is an encryption and an
-# HTTP post to RunPod; past this rate a stream's items carry several tokens.
-# At about 10 us an item (bench/channel.py), 1000 cost about 1% of a core,
-# and a lone stream still gets an item a millisecond.
-DEFAULT_MAX_ITEMS_PER_S = 1000.0
+# Stream items a second, all jobs together; past this rate a stream's items
+# carry several tokens. An item costs about 10 us to encrypt and 100-140 us
+# of the runpod SDK's CPU to post to RunPod (bench/channel.py), so 500 items
+# a second cost about 6% of a core. Our client reads /stream four times a
+# second: at the default MAX_CONCURRENCY each stream still gets two items a
+# read (one per 128 ms), and a lone stream an item every 2 ms, each token as
+# it comes.
+DEFAULT_MAX_ITEMS_PER_S = 500.0
 # Room for a prompt that fills a 128k-token context, padded and encrypted.
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 

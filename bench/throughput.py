@@ -18,14 +18,20 @@ run and one process tree.
 At each concurrency C, C clients run streams back to back (C x
 --streams-per-client in all, at least 24), greedy, --tokens tokens each,
 ignoring EOS. (a) and (b) alternate, --rounds times each and each first in
-turn, so that drift in the machine's speed falls on both; (c) runs a third
-as many rounds after them. Reported per variant: output tokens/s of the
-median round (a round's: all its tokens over its wall time), TTFT p50/p95
-(submit to first text), inter-item latency p50/p95 (gaps between a stream's
-items), tokens per item, and the peak RSS of the serving process tree. The
-ratios (b)/(a) and (b)/(c) of tokens/s, and the TTFT that (b) adds to (a) at
-p50, are printed beside each row; the last line is the whole result as JSON
-(also written to --json).
+turn; (c) runs a third as many rounds after them. Reported per variant:
+output tokens/s of the median round (a round's: all its tokens over its wall
+time), TTFT p50/p95 (submit to first text), inter-item latency p50/p95 (gaps
+between a stream's items), tokens per item, and the peak RSS of the serving
+process tree. Beside each row: (b)/(a), the median over rounds of (b)'s
+tokens/s over (a)'s in the same round, with the quartiles of those ratios;
+(b)/(c), of the median rounds; and the TTFT that (b) adds to (a) at p50. The
+last line is the whole result as JSON (also written to --json).
+
+Why (b)/(a) is a median of paired ratios: on a shared 2-core machine a
+round's speed swings by 20% or more, partly with load from elsewhere that
+lasts tens of seconds. (a) and (b) of the same round run back to back, so
+such a swing falls on both and cancels in their ratio; the quartiles show
+what is left of the noise.
 
 The model is the worker's: MODELS and the engine variables from the
 environment, else the tiny offline model as test_local.py uses it. The first
@@ -432,8 +438,15 @@ def report(rows: dict, args) -> dict:
     for concurrency, variants in rows.items():
         summary = {name: level.summary() for name, level in variants.items()}
         a, b = summary["engine"], summary["handler"]
+        paired = [
+            handler / engine
+            for engine, handler in zip(
+                variants["engine"].round_rates, variants["handler"].round_rates, strict=True
+            )
+        ]
         ratios = {
-            "handler_over_engine": round(b["tokens_per_s"] / a["tokens_per_s"], 3),
+            "handler_over_engine": round(statistics.median(paired), 3),
+            "handler_over_engine_quartiles": [round(percentile(paired, p), 3) for p in (25, 75)],
             "ttft_p50_added_ms": round(b["ttft_p50_ms"] - a["ttft_p50_ms"], 2),
         }
         if "serve" in summary:
@@ -443,10 +456,11 @@ def report(rows: dict, args) -> dict:
         for name, s in summary.items():
             beside = ""
             if name == "handler":
-                beside = f"   (b)/(a) {ratios['handler_over_engine']:.3f}"
+                low, high = ratios["handler_over_engine_quartiles"]
+                beside = f"   (b)/(a) {ratios['handler_over_engine']:.3f} [{low:.2f}-{high:.2f}]"
                 if "handler_over_serve" in ratios:
                     beside += f"  (b)/(c) {ratios['handler_over_serve']:.2f}"
-                beside += f"  TTFT +{ratios['ttft_p50_added_ms']:.2f} ms"
+                beside += f"  TTFT {ratios['ttft_p50_added_ms']:+.2f} ms"
             print(
                 f"{concurrency:4d} {name:8} {s['tokens_per_s']:9.1f} {s['ttft_p50_ms']:9.2f} "
                 f"{s['ttft_p95_ms']:8.2f} {s['itl_p50_ms']:8.2f} {s['itl_p95_ms']:7.2f} "
@@ -460,8 +474,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", default="1,8,64,256", help="comma-separated levels")
     parser.add_argument("--tokens", type=int, default=128, help="output tokens per stream")
-    parser.add_argument("--streams-per-client", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=6, help="runs of each variant per level")
+    # A round's first and last streams, when all its clients start or end
+    # together, leave the engine short of work: the more streams a round
+    # holds, the less those edges weigh against the steady state between.
+    parser.add_argument("--streams-per-client", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=10, help="runs of each variant per level")
     parser.add_argument("--skip-serve", action="store_true", help="leave out (c)")
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
