@@ -142,24 +142,23 @@ class Worker:
         """A RunPod job in, encrypted stream items out; one log line at its end."""
         record = JobRecord(job=str(job.get("id")), model=self.model_name)
         self._start_watch()
+        failure: ProtocolError | None = None
         try:
             request, issued_at = self.inbox.admit(job.get("input"))
             record.queue_wait_s = max(time.time() - issued_at, 0.0)
             async for item in self.generate(request, record):
                 yield self.inbox.channel.seal_item(item)
         except ProtocolError as error:
-            record.error = error.code.value
-            log.info("job done %s", record.line())
-            yield {"error": str(error)}
+            failure = error
         except Exception as error:
             # A bug must fail the job, not reach the SDK, which would put the
             # exception's message (possibly request content) in the job's error.
-            record.error = ErrorCode.ENGINE_ERROR.value
             log.error("job %s: internal error %s", record.job, _where(error))
-            log.info("job done %s", record.line())
-            yield {"error": f"{ErrorCode.ENGINE_ERROR}: internal error in the worker"}
-        else:
-            log.info("job done %s", record.line())
+            failure = ProtocolError(ErrorCode.ENGINE_ERROR, "internal error in the worker")
+        record.error = failure.code.value if failure else None
+        log.info("job done %s", record.line())
+        if failure:
+            yield {"error": str(failure)}
 
     async def generate(self, request: Request, record: JobRecord) -> AsyncIterator[StreamItem]:
         """Plaintext deltas of one request; the last carries finish_reason and
