@@ -17,8 +17,9 @@ run and one process tree.
 
 At each concurrency C, C clients run streams back to back (C x
 --streams-per-client in all, at least 24), greedy, --tokens tokens each,
-ignoring EOS. (a) and (b) alternate, --rounds times each and each first in
-turn; (c) runs a third as many rounds after them. Reported per variant:
+ignoring EOS. (a) and (b) alternate, each first in turn, at least --rounds
+times each and until the level has run for --seconds; (c) runs a third of
+--rounds after them. Reported per variant:
 output tokens/s of the median round (a round's: all its tokens over its wall
 time), TTFT p50/p95 (submit to first text), inter-item latency p50/p95 (gaps
 between a stream's items), tokens per item, and the peak RSS of the serving
@@ -31,7 +32,9 @@ Why (b)/(a) is a median of paired ratios: on a shared 2-core machine a
 round's speed swings by 20% or more, partly with load from elsewhere that
 lasts tens of seconds. (a) and (b) of the same round run back to back, so
 such a swing falls on both and cancels in their ratio; the quartiles show
-what is left of the noise.
+what is left of the noise. What is left is still several per cent a pair,
+so the median needs many pairs: hence a time budget per level, which gives
+levels of short rounds more of them.
 
 The model is the worker's: MODELS and the engine variables from the
 environment, else the tiny offline model as test_local.py uses it. The first
@@ -98,6 +101,7 @@ class Level:
         gaps = [gap for stream in self.streams for gap in stream.gaps_s]
         tokens = sum(stream.tokens for stream in self.streams)
         return {
+            "rounds": len(self.round_rates),
             "streams": len(self.streams),
             # The median round: a burst of load from elsewhere on the machine
             # slows a round or two, whichever variant it falls on.
@@ -384,7 +388,9 @@ async def measure_in_process(config: WorkerConfig, args, prompts) -> dict:
         for concurrency in args.concurrency:
             levels = {name: Level() for name in runners}
             count = max(concurrency * args.streams_per_client, MIN_STREAMS)
-            for round_ in range(args.rounds):
+            started = time.monotonic()
+            round_ = 0
+            while round_ < args.rounds or time.monotonic() - started < args.seconds:
                 # Alternating which goes first, so that neither always
                 # inherits the other's leftovers (a warm cache, a busy core).
                 for name in sorted(runners, reverse=round_ % 2 == 1):
@@ -392,6 +398,7 @@ async def measure_in_process(config: WorkerConfig, args, prompts) -> dict:
                     with PeakRss(os.getpid()) as rss:
                         await run_level(runner, prompts[:count], concurrency, levels[name])
                     levels[name].peak_rss = max(levels[name].peak_rss, rss.peak)
+                round_ += 1
             check_texts(levels["engine"], levels["handler"], "handler", concurrency)
             results[concurrency] = levels
             print(f"  concurrency {concurrency}: engine and handler done", file=sys.stderr)
@@ -457,7 +464,10 @@ def report(rows: dict, args) -> dict:
             beside = ""
             if name == "handler":
                 low, high = ratios["handler_over_engine_quartiles"]
-                beside = f"   (b)/(a) {ratios['handler_over_engine']:.3f} [{low:.2f}-{high:.2f}]"
+                beside = (
+                    f"   (b)/(a) {ratios['handler_over_engine']:.3f} [{low:.2f}-{high:.2f}]"
+                    f" of {len(paired)}"
+                )
                 if "handler_over_serve" in ratios:
                     beside += f"  (b)/(c) {ratios['handler_over_serve']:.2f}"
                 beside += f"  TTFT {ratios['ttft_p50_added_ms']:+.2f} ms"
@@ -478,7 +488,10 @@ def main() -> None:
     # together, leave the engine short of work: the more streams a round
     # holds, the less those edges weigh against the steady state between.
     parser.add_argument("--streams-per-client", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=10, help="runs of each variant per level")
+    parser.add_argument("--rounds", type=int, default=10, help="least runs of (a) and (b) a level")
+    parser.add_argument(
+        "--seconds", type=float, default=240, help="least time (a) and (b) run a level"
+    )
     parser.add_argument("--skip-serve", action="store_true", help="leave out (c)")
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
@@ -511,7 +524,6 @@ def main() -> None:
     result = {
         "model": ref.name,
         "tokens_per_stream": args.tokens,
-        "rounds": args.rounds,
         "levels": report(rows, args),
     }
     print(f"\nlogs: {logs}")
