@@ -19,14 +19,14 @@ At each concurrency C, C clients run streams back to back (C x
 --streams-per-client in all, at least 24), greedy, --tokens tokens each,
 ignoring EOS. (a) and (b) alternate, each first in turn, at least --rounds
 times each and until the level has run for --seconds; (c) runs a third of
---rounds after them. Reported per variant:
-output tokens/s of the median round (a round's: all its tokens over its wall
-time), TTFT p50/p95 (submit to first text), inter-item latency p50/p95 (gaps
-between a stream's items), tokens per item, and the peak RSS of the serving
-process tree. Beside each row: (b)/(a), the median over rounds of (b)'s
-tokens/s over (a)'s in the same round, with the quartiles of those ratios;
-(b)/(c), of the median rounds; and the TTFT that (b) adds to (a) at p50. The
-last line is the whole result as JSON (also written to --json).
+--rounds after them. Reported per variant: output tokens/s of the median
+round (a round's: all its tokens over its wall time), TTFT p50/p95 (submit
+to first text), inter-item latency p50/p95 (gaps between a stream's items),
+tokens per item, and the peak RSS of the serving process tree. Beside each
+row: (b)/(a), the median over rounds of (b)'s tokens/s over (a)'s in the
+same round, with the quartiles of those ratios; (b)/(c), of the median
+rounds; and the TTFT that (b) adds to (a) at p50. The last line is the
+whole result as JSON (also written to --json).
 
 Why (b)/(a) is a median of paired ratios: on a shared 2-core machine a
 round's speed swings by 20% or more, partly with load from elsewhere that
