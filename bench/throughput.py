@@ -24,17 +24,24 @@ round (a round's: all its tokens over its wall time), TTFT p50/p95 (submit
 to first text), inter-item latency p50/p95 (gaps between a stream's items),
 tokens per item, and the peak RSS of the serving process tree. Beside each
 row: (b)/(a), the median over rounds of (b)'s tokens/s over (a)'s in the
-same round, with the quartiles of those ratios; (b)/(c), of the median
-rounds; and the TTFT that (b) adds to (a) at p50. The last line is the
-whole result as JSON (also written to --json).
+same round, and the TTFT that (b) adds to (a), the median over rounds of
+the difference of their TTFT p50s, each with its 95% confidence interval;
+and (b)/(c), of the median rounds. Then each goal of README's, per level:
+met (the whole interval on the goal's side), missed (the whole interval on
+the other side) or not resolved (this run cannot tell); (b)/(c), unpaired,
+is judged on the interval of (b)'s median round over (c)'s fastest and
+slowest rounds. The last line is the whole result as JSON (also written to
+--json), every round's figures included.
 
 Why (b)/(a) is a median of paired ratios: on a shared 2-core machine a
 round's speed swings by 20% or more, partly with load from elsewhere that
 lasts tens of seconds. (a) and (b) of the same round run back to back, so
-such a swing falls on both and cancels in their ratio; the quartiles show
-what is left of the noise. What is left is still several per cent a pair,
-so the median needs many pairs: hence a time budget per level, which gives
-levels of short rounds more of them.
+such a swing falls on both and cancels in their ratio. What is left is
+still several per cent a pair, so the median needs many pairs: hence a time
+budget per level, which gives levels of short rounds more of them, and the
+confidence interval, which says how far this run's median can be trusted.
+It is distribution-free (from the order statistics of the pairs), since
+the noise is far from normal.
 
 The model is the worker's: MODELS and the engine variables from the
 environment, else the tiny offline model as test_local.py uses it. The first
@@ -50,6 +57,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -59,7 +67,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +75,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import httpx  # noqa: E402
 import psutil  # noqa: E402
+import scipy.stats  # noqa: E402
 
 import protocol  # noqa: E402
 from config import WorkerConfig  # noqa: E402
@@ -74,6 +83,11 @@ from test_local import apply_offline_defaults  # noqa: E402
 
 CHECKED_STREAMS = 16
 MIN_STREAMS = 24  # a level's least streams a round, so that a round lasts
+# README's goals.
+GOAL_OVER_ENGINE = 0.95  # (b)/(a) tokens/s, at every level
+GOAL_TTFT_ADDED_MS = 2.0  # (b)'s TTFT p50 over (a)'s, at every level
+GOAL_OVER_SERVE = 2.0  # (b)/(c) tokens/s, at GOAL_OVER_SERVE_LEVEL streams
+GOAL_OVER_SERVE_LEVEL = 64
 _ids = itertools.count()
 
 
@@ -94,6 +108,7 @@ class Level:
 
     streams: list[Stream] = field(default_factory=list)
     round_rates: list[float] = field(default_factory=list)  # tokens/s of each round
+    round_ttfts: list[float] = field(default_factory=list)  # TTFT p50 of each round
     peak_rss: int = 0
 
     def summary(self) -> dict:
@@ -112,6 +127,8 @@ class Level:
             "itl_p50_ms": _ms(percentile(gaps, 50)),
             "itl_p95_ms": _ms(percentile(gaps, 95)),
             "peak_rss_mb": round(self.peak_rss / 2**20),
+            "round_tokens_per_s": [round(rate, 1) for rate in self.round_rates],
+            "round_ttft_p50_ms": [_ms(ttft) for ttft in self.round_ttfts],
         }
 
 
@@ -190,6 +207,7 @@ async def run_level(runner: Runner, prompts: list[str], concurrency: int, level:
     runner.finish(streams)
     level.streams += streams
     level.round_rates.append(sum(stream.tokens for stream in streams) / wall_s)
+    level.round_ttfts.append(percentile([stream.ttft_s for stream in streams], 50))
 
 
 async def timed(items: AsyncIterator[tuple[int, str]], keep_text: bool) -> Stream:
@@ -435,48 +453,104 @@ def serve_rounds(args) -> int:
     return max(1, args.rounds // 3)
 
 
+def median_ci(values: list[float]) -> tuple[float | None, float | None]:
+    """The 95% confidence interval of the median of `values`, from their
+    order statistics; None where there are too few (under six) to tell."""
+    interval = scipy.stats.quantile_test(values).confidence_interval(0.95)
+    bounds = (float(interval.low), float(interval.high))
+    return (None, None) if any(map(math.isnan, bounds)) else bounds
+
+
+def verdict(low: float | None, high: float | None, meets: Callable[[float], bool]) -> str:
+    """A goal's status from an interval of what was measured."""
+    if low is None or high is None:
+        return "not resolved"
+    if meets(low) and meets(high):
+        return "met"
+    if not (meets(low) or meets(high)):
+        return "missed"
+    return "not resolved"
+
+
+def compare(variants: dict[str, Level], concurrency: int) -> dict:
+    """(b) against (a), paired round by round, and against (c); each goal's status."""
+    engine, handler = variants["engine"], variants["handler"]
+    paired = [b / a for a, b in zip(engine.round_rates, handler.round_rates, strict=True)]
+    added_ms = [
+        (b - a) * 1000 for a, b in zip(engine.round_ttfts, handler.round_ttfts, strict=True)
+    ]
+    ratio_ci, added_ci = median_ci(paired), median_ci(added_ms)
+    ratios = {
+        "pairs": len(paired),
+        "handler_over_engine": round(statistics.median(paired), 3),
+        "handler_over_engine_ci95": [_rounded(bound, 3) for bound in ratio_ci],
+        "ttft_p50_added_ms": round(statistics.median(added_ms), 2),
+        "ttft_p50_added_ms_ci95": [_rounded(bound, 2) for bound in added_ci],
+    }
+    goals = {
+        f"(b)/(a) >= {GOAL_OVER_ENGINE}": verdict(*ratio_ci, lambda r: r >= GOAL_OVER_ENGINE),
+        f"TTFT added <= {GOAL_TTFT_ADDED_MS} ms": verdict(
+            *added_ci, lambda ms: ms <= GOAL_TTFT_ADDED_MS
+        ),
+    }
+    if "serve" in variants:
+        b_rates, c_rates = handler.round_rates, variants["serve"].round_rates
+        ratios["handler_over_serve"] = round(
+            statistics.median(b_rates) / statistics.median(c_rates), 2
+        )
+        if concurrency == GOAL_OVER_SERVE_LEVEL:
+            # Unpaired, and (c) has too few rounds for an interval of its
+            # own: (b)'s interval over (c)'s fastest and slowest rounds.
+            low, high = median_ci(b_rates)
+            interval = (None, None) if low is None else (low / max(c_rates), high / min(c_rates))
+            ratios["handler_over_serve_interval"] = [_rounded(bound, 2) for bound in interval]
+            goals[f"(b)/(c) >= {GOAL_OVER_SERVE}"] = verdict(
+                *interval, lambda r: r >= GOAL_OVER_SERVE
+            )
+    return {"ratios": ratios, "goals": goals}
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def _interval(bounds: list[float | None], form: str) -> str:
+    return "[?]" if None in bounds else f"[{bounds[0]:{form}} to {bounds[1]:{form}}]"
+
+
 def report(rows: dict, args) -> dict:
     head = (
         f"{'C':>4} {'variant':8} {'tok/s':>9} {'TTFT p50':>9} {'p95':>8} "
-        f"{'ITL p50':>8} {'p95':>7} {'tok/item':>8} {'RSS MB':>7}   ratios"
+        f"{'ITL p50':>8} {'p95':>7} {'tok/item':>8} {'RSS MB':>7}   "
+        "(b) against (a) and (c), medians and their 95% intervals"
     )
     print(f"\n{args.tokens} tokens a stream, greedy; times in ms\n\n{head}\n{'-' * len(head)}")
     table = {}
     for concurrency, variants in rows.items():
         summary = {name: level.summary() for name, level in variants.items()}
-        a, b = summary["engine"], summary["handler"]
-        paired = [
-            handler / engine
-            for engine, handler in zip(
-                variants["engine"].round_rates, variants["handler"].round_rates, strict=True
-            )
-        ]
-        ratios = {
-            "handler_over_engine": round(statistics.median(paired), 3),
-            "handler_over_engine_quartiles": [round(percentile(paired, p), 3) for p in (25, 75)],
-            "ttft_p50_added_ms": round(b["ttft_p50_ms"] - a["ttft_p50_ms"], 2),
-        }
-        if "serve" in summary:
-            ratios["handler_over_serve"] = round(
-                b["tokens_per_s"] / summary["serve"]["tokens_per_s"], 2
-            )
+        comparison = compare(variants, concurrency)
+        ratios = comparison["ratios"]
         for name, s in summary.items():
             beside = ""
             if name == "handler":
-                low, high = ratios["handler_over_engine_quartiles"]
                 beside = (
-                    f"   (b)/(a) {ratios['handler_over_engine']:.3f} [{low:.2f}-{high:.2f}]"
-                    f" of {len(paired)}"
+                    f"   (b)/(a) {ratios['handler_over_engine']:.3f} "
+                    f"{_interval(ratios['handler_over_engine_ci95'], '.2f')}"
+                    f" of {ratios['pairs']}  TTFT {ratios['ttft_p50_added_ms']:+.2f} "
+                    f"{_interval(ratios['ttft_p50_added_ms_ci95'], '+.1f')} ms"
                 )
                 if "handler_over_serve" in ratios:
                     beside += f"  (b)/(c) {ratios['handler_over_serve']:.2f}"
-                beside += f"  TTFT {ratios['ttft_p50_added_ms']:+.2f} ms"
             print(
                 f"{concurrency:4d} {name:8} {s['tokens_per_s']:9.1f} {s['ttft_p50_ms']:9.2f} "
                 f"{s['ttft_p95_ms']:8.2f} {s['itl_p50_ms']:8.2f} {s['itl_p95_ms']:7.2f} "
                 f"{s['tokens_per_item']:8.2f} {s['peak_rss_mb']:7d}{beside}"
             )
-        table[str(concurrency)] = {**summary, "ratios": ratios}
+        table[str(concurrency)] = {**summary, **comparison}
+    print("\nGoals (met: all of the interval meets it; missed: none of it does):")
+    for concurrency, level in table.items():
+        statuses = "; ".join(f"{goal}: {status}" for goal, status in level["goals"].items())
+        print(f"{concurrency:>4}  {statuses}")
     return table
 
 
