@@ -30,7 +30,8 @@ RUN --mount=type=secret,id=HF_TOKEN,required=false \
     fi
 
 # The worker, and what `python3 test_local.py` needs to check it in the image.
-COPY protocol.py config.py rp_handler.py client.py local_endpoint.py test_local.py tiny_model.py test_input.json ./
+COPY protocol.py channel.py config.py deps.py boot.py generation.py worker.py shaping.py job_loop.py \
+     rp_handler.py client.py local_endpoint.py test_local.py tiny_model.py test_input.json ./
 
 # The base image's entry point is `vllm serve`; this image runs the worker,
 # and `docker run IMAGE python3 test_local.py ...` runs the check instead.

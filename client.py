@@ -11,7 +11,11 @@
             print(delta, end="")
 
 `AsyncClient` offers the same calls to await (`await client.run_sync(...)`,
-`async for delta in client.stream(...)`).
+`async for delta in client.stream(...)`). Every call takes wire protocol
+v1.1's fields (`tools`, `tool_choice`, `structured_output`, ...);
+`client.items(...)` streams typed items (text, reasoning, tool-call
+fragments, logprobs) where `stream` gives text alone; `client.describe()`
+says what the endpoint can do.
 
 Rules:
 - A request is validated here, with a detailed message, before anything is
@@ -21,6 +25,10 @@ Rules:
   carries the worker's stable code.
 - A stream cancels its job when its caller stops reading early: the stream
   closed or dropped, a timeout, Ctrl-C.
+- A completion is returned as soon as its final item arrives; if the job
+  still posts (a constant-rate stream's filler), it is read to its end in
+  the background, so that this client's polling never shows when the text
+  ended.
 - Retries happen only where repeating is safe: a 429 anywhere (RunPod did not
   take the request), a 5xx or lost connection on reads and cancels, never on
   a /run that may have been accepted.
@@ -30,19 +38,37 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
-import pydantic
+try:
+    import httpx
+    import pydantic
+except ModuleNotFoundError as missing:  # run with a Python that lacks the packages
+    import deps
 
+    deps.relaunch_in_venv(missing, __name__)
+
+import channel
 import protocol
-from protocol import Channel, ErrorCode, ProtocolError, StreamItem, Usage
+from channel import Channel
+from protocol import (
+    ErrorCode,
+    ProtocolError,
+    StreamItem,
+    TokenLogprob,
+    ToolCallResult,
+    Usage,
+    WorkerCard,
+    join_tool_calls,
+)
 
 RUNPOD_API = "https://api.runpod.ai/v2"
 FINAL_STATUSES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
@@ -110,8 +136,12 @@ class Completion:
     usage: Usage | None
     job_id: str
     ttft_s: float | None  # from submitting to the first text
-    total_s: float  # from submitting to the last item
+    total_s: float  # from submitting to the final item
     arrivals: int  # polls that brought text: how the completion streamed
+    reasoning: str = ""
+    tool_calls: list[ToolCallResult] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    card: WorkerCard | None = None  # the answer to describe()
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -123,7 +153,7 @@ class Completion:
 
 class _Tracker:
     """One job followed through /stream polls, with no I/O of its own: it
-    decrypts and times the chunks and says how to poll next."""
+    decrypts and times the items and says how to poll next."""
 
     # Each poll asks the server to hold it open while there is nothing new
     # (`?wait=`, as RunPod's Go SDK asks of /stream), so the first token is
@@ -146,11 +176,11 @@ class _Tracker:
         self.deadline = submitted_at + timeout if timeout else None
         self._hold_s = self.HOLD_S
         self.status = "IN_QUEUE"
-        self.pieces: list[str] = []
-        self.last: StreamItem | None = None
-        self.first_text_at: float | None = None
-        self.last_item_at: float | None = None
-        self.arrivals = 0  # /stream responses that brought text
+        self.items: list[StreamItem] = []  # every item that carried something
+        self.final: StreamItem | None = None
+        self.first_content_at: float | None = None
+        self.final_at: float | None = None
+        self.arrivals = 0  # /stream responses that brought content
         self._last_poll_empty = False
         self._delay = self.FAST_S
 
@@ -160,36 +190,46 @@ class _Tracker:
         self._hold_s = max(min(self.HOLD_S, left), 0.0)
         return f"/stream/{self.job_id}?wait={int(self._hold_s * 1000)}"
 
-    def feed(self, body: dict, held_s: float) -> list[str]:
-        """The text deltas in one /stream response, which took `held_s`."""
+    def feed(self, body: dict, held_s: float) -> list[StreamItem]:
+        """The items with content in one /stream response, which took `held_s`."""
         self.status = body.get("status", self.status)
-        texts = []
-        for chunk in body.get("stream") or []:
-            try:
-                item = self.channel.open_item(chunk.get("output"))
-            except ProtocolError as error:
-                raise DecryptionFailed(f"job {self.job_id}: {error.reason}") from None
-            self.last, self.last_item_at = item, time.monotonic()
-            if item.text:
-                self.first_text_at = self.first_text_at or self.last_item_at
-                texts.append(item.text)
-        self.pieces += texts
-        self.arrivals += bool(texts)
-        self._last_poll_empty = not body.get("stream")
-        if not self._last_poll_empty:
+        chunks = body.get("stream") or []
+        new = []
+        if self.final is None:  # after it, only a shaped stream's filler
+            for chunk in chunks:
+                try:
+                    item = self.channel.open_item(chunk.get("output"))
+                except ProtocolError as error:
+                    raise DecryptionFailed(f"job {self.job_id}: {error.reason}") from None
+                if item.final:
+                    self.final, self.final_at = item, time.monotonic()
+                if not item.empty:
+                    new.append(item)
+                if self.final is not None:
+                    break
+        if any(item.text or item.reasoning or item.tool_calls for item in new):
+            self.first_content_at = self.first_content_at or time.monotonic()
+            self.arrivals += 1
+        self.items += new
+        self._last_poll_empty = not chunks
+        if chunks:
             self._delay = self.poll_interval
         elif self._hold_s and held_s >= self._hold_s / 2:
             self._delay = 0.0  # the server held the poll: ask again at once
         elif time.monotonic() - self.submitted_at > self.FAST_FOR_S:
             self._delay = min(max(self._delay, self.FAST_S) * self.GROWTH, self.SLOWEST_S)
-        return texts
+        return new
 
     @property
     def ended(self) -> bool:
-        """The job is over and nothing more will arrive: its final item came,
-        or (as RunPod's own clients decide) a final status with no chunks."""
-        final_item_seen = self.last is not None and self.last.usage is not None
-        return self.status in FINAL_STATUSES and (final_item_seen or self._last_poll_empty)
+        """Nothing more for the caller: the final item came, or (as RunPod's
+        own clients decide) a final status with no chunks."""
+        return self.final is not None or (self.status in FINAL_STATUSES and self._last_poll_empty)
+
+    @property
+    def drained(self) -> bool:
+        """Nothing more will arrive at all."""
+        return self.status in FINAL_STATUSES and self._last_poll_empty
 
     @property
     def overdue(self) -> bool:
@@ -204,17 +244,21 @@ class _Tracker:
         return self._delay
 
     def completion(self) -> Completion:
-        last = self.last or StreamItem("")
-        end = self.last_item_at or time.monotonic()
-        first = self.first_text_at
+        final = self.final or StreamItem()
+        end = self.final_at or time.monotonic()
+        first = self.first_content_at
         return Completion(
-            text="".join(self.pieces),
-            finish_reason=last.finish_reason,
-            usage=last.usage,
+            text="".join(item.text for item in self.items),
+            finish_reason=final.finish_reason,
+            usage=final.usage,
             job_id=self.job_id,
             ttft_s=first - self.submitted_at if first else None,
             total_s=end - self.submitted_at,
             arrivals=self.arrivals,
+            reasoning="".join(item.reasoning for item in self.items),
+            tool_calls=join_tool_calls([call for item in self.items for call in item.tool_calls]),
+            logprobs=[entry for item in self.items for entry in item.logprobs],
+            card=final.card,
         )
 
 
@@ -232,6 +276,13 @@ def _error_for(response: httpx.Response) -> ClientError:
     if status >= 500:
         return ServerError(f"{status} from {where} after every retry")
     return ClientError(f"{status} from {where}: {response.text[:200]}")
+
+
+def _unreachable(base_url: httpx.URL, path: str, error: httpx.TransportError) -> ServerError:
+    return ServerError(
+        f"cannot reach {base_url.host}:{base_url.port or base_url.scheme} ({base_url}{path}): "
+        f"{type(error).__name__}; check the endpoint id or base URL, and the network"
+    )
 
 
 def _safe_to_repeat(method: str, path: str) -> bool:
@@ -281,15 +332,26 @@ def _settings(
     api_key = api_key or os.environ.get("RUNPOD_API_KEY", "")
     if not api_key:
         raise ValueError("RUNPOD_API_KEY is not set")
-    channel = Channel(encryption_key or os.environ.get("ENCRYPTION_KEY", ""))
-    return base_url or f"{RUNPOD_API}/{endpoint_id}", api_key, channel
+    keys = Channel(encryption_key or os.environ.get("ENCRYPTION_KEY", ""))
+    return base_url or f"{RUNPOD_API}/{endpoint_id}", api_key, keys
+
+
+# How long closing a client waits for the background reads of finished
+# streams (a constant-rate stream's filler lasts a quantum of intervals).
+DRAIN_WAIT_S = 10.0
 
 
 # --- The blocking client -----------------------------------------------------
 
 
 class Client:
-    """A RunPod endpoint running the encrypted worker, called synchronously."""
+    """A RunPod endpoint running the encrypted worker, called synchronously.
+
+    Every call that submits takes the request's fields as keywords:
+    `messages`, `sampling_params`, `tools`, `tool_choice`,
+    `parallel_tool_calls`, `structured_output`, `chat_template_kwargs`
+    (see docs/protocol.md); they are validated here before anything is sent.
+    """
 
     def __init__(
         self,
@@ -307,26 +369,30 @@ class Client:
         self._http = httpx.Client(
             base_url=url, headers={"Authorization": f"Bearer {api_key}"}, timeout=HTTP_TIMEOUT_S
         )
+        self._drains: set[threading.Thread] = set()
 
-    def submit(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: Sequence[dict[str, str]] | None = None,
-        sampling_params: dict[str, Any] | None = None,
-    ) -> Job:
-        request = protocol.validate_request(prompt, messages, sampling_params)
+    def submit(self, prompt: str | None = None, **request: Any) -> Job:
+        sealed = self.channel.seal_request(protocol.validate_request(prompt, **request))
         submitted_at = time.monotonic()
-        reply = self._call("POST", "/run", {"input": self.channel.seal_request(request)})
+        reply = self._call("POST", "/run", {"input": sealed})
         return Job(self, reply["id"], submitted_at)
 
     def stream(self, prompt: str | None = None, **request: Any) -> TextStream:
         """Submit, then iterate over the completion's text deltas."""
         return self.submit(prompt, **request).stream()
 
+    def items(self, prompt: str | None = None, **request: Any) -> ItemStream:
+        """Submit, then iterate over its typed items (text, reasoning, tool
+        calls, logprobs), as the worker sent them."""
+        return self.submit(prompt, **request).items()
+
     def run_sync(self, prompt: str | None = None, **request: Any) -> Completion:
         """Submit and wait for the whole completion."""
         return self.submit(prompt, **request).result()
+
+    def describe(self) -> WorkerCard:
+        """What the endpoint's worker serves and supports (wire protocol v1.1)."""
+        return self.submit(describe=True).result().card
 
     def job(self, job_id: str) -> Job:
         """A handle on a job submitted earlier, e.g. by another process."""
@@ -336,6 +402,9 @@ class Client:
         return self._call("GET", "/health")
 
     def close(self) -> None:
+        deadline = time.monotonic() + DRAIN_WAIT_S
+        for drain in list(self._drains):
+            drain.join(max(deadline - time.monotonic(), 0))
         self._http.close()
 
     def __enter__(self) -> Client:
@@ -353,7 +422,7 @@ class Client:
                 if delay is not None:
                     time.sleep(delay)
                     continue
-                raise ServerError(f"cannot reach {path}: {type(error).__name__}") from error
+                raise _unreachable(self._http.base_url, path, error) from error
             if response.status_code < 400:
                 return response.json()
             delay = _retry_delay(response, attempt, self.max_retries)
@@ -361,6 +430,24 @@ class Client:
                 raise _error_for(response)
             time.sleep(delay)
         raise AssertionError("unreachable")
+
+    def _drain(self, tracker: _Tracker) -> None:
+        """Reads a finished stream to its end, in the background."""
+
+        def read_to_the_end() -> None:
+            try:
+                while not (tracker.drained or tracker.overdue):
+                    time.sleep(tracker.next_delay())
+                    asked = time.monotonic()
+                    tracker.feed(self._call("GET", tracker.poll_path()), time.monotonic() - asked)
+            except ClientError:
+                pass  # nothing of it was for the caller
+            finally:
+                self._drains.discard(thread)
+
+        thread = threading.Thread(target=read_to_the_end, daemon=True)
+        self._drains.add(thread)
+        thread.start()
 
 
 class Job:
@@ -378,13 +465,16 @@ class Job:
     def stream(self) -> TextStream:
         return TextStream(self, self._follow())
 
-    def result(self) -> Completion:
-        with self.stream() as deltas:
-            for _ in deltas:
-                pass
-        return deltas.completion
+    def items(self) -> ItemStream:
+        return ItemStream(self, self._follow())
 
-    def _follow(self) -> Iterator[str | Completion]:
+    def result(self) -> Completion:
+        with self.items() as items:
+            for _ in items:
+                pass
+        return items.completion
+
+    def _follow(self) -> Iterator[StreamItem | Completion]:
         client = self._client
         tracker = _Tracker(
             client.channel, self.id, self.submitted_at, client.poll_interval, client.timeout
@@ -400,10 +490,13 @@ class Job:
                     raise JobTimeout(self.id, "cancelled after the client's timeout")
                 time.sleep(tracker.next_delay())
         finally:
-            if tracker.status not in FINAL_STATUSES:
+            if tracker.final is None and tracker.status not in FINAL_STATUSES:
                 self._cancel_quietly()
-        if tracker.status != "COMPLETED":
-            raise _job_failure(self.id, client._call("GET", f"/status/{self.id}"))
+        if tracker.final is None:
+            if tracker.status != "COMPLETED":
+                raise _job_failure(self.id, client._call("GET", f"/status/{self.id}"))
+        elif not tracker.drained:
+            client._drain(tracker)
         yield tracker.completion()
 
     def _cancel_quietly(self) -> None:
@@ -413,20 +506,22 @@ class Job:
             pass  # the caller's own exception matters more
 
 
-class TextStream:
-    """Iterates over text deltas; `completion` (usage, timings) is set once
-    the stream is exhausted. Closing it early cancels the job."""
+class ItemStream:
+    """Iterates over a job's items (`protocol.StreamItem`: text, reasoning,
+    tool-call fragments, logprobs); `completion` (everything joined, usage,
+    timings) is set once the stream is exhausted. Closing it early cancels
+    the job."""
 
-    def __init__(self, job: Job, follow: Iterator[str | Completion]):
+    def __init__(self, job: Job, follow: Iterator[StreamItem | Completion]):
         self.job = job
         self.completion: Completion | None = None
         self._follow = follow
         self._started = False
 
-    def __iter__(self) -> TextStream:
+    def __iter__(self):
         return self
 
-    def __next__(self) -> str:
+    def __next__(self) -> StreamItem:
         self._started = True
         piece = next(self._follow)
         if isinstance(piece, Completion):
@@ -440,11 +535,21 @@ class TextStream:
             self.job._cancel_quietly()
         self._follow.close()
 
-    def __enter__(self) -> TextStream:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+class TextStream(ItemStream):
+    """Iterates over the completion's text deltas alone."""
+
+    def __next__(self) -> str:
+        while True:
+            item = super().__next__()
+            if item.text:
+                return item.text
 
 
 # --- The async client -----------------------------------------------------------
@@ -472,24 +577,25 @@ class AsyncClient:
             timeout=HTTP_TIMEOUT_S,
             limits=httpx.Limits(max_connections=None),
         )
+        self._drains: set[asyncio.Task] = set()
 
-    async def submit(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: Sequence[dict[str, str]] | None = None,
-        sampling_params: dict[str, Any] | None = None,
-    ) -> AsyncJob:
-        request = protocol.validate_request(prompt, messages, sampling_params)
+    async def submit(self, prompt: str | None = None, **request: Any) -> AsyncJob:
+        sealed = self.channel.seal_request(protocol.validate_request(prompt, **request))
         submitted_at = time.monotonic()
-        reply = await self._call("POST", "/run", {"input": self.channel.seal_request(request)})
+        reply = await self._call("POST", "/run", {"input": sealed})
         return AsyncJob(self, reply["id"], submitted_at)
 
     async def stream(self, prompt: str | None = None, **request: Any) -> AsyncTextStream:
         return (await self.submit(prompt, **request)).stream()
 
+    async def items(self, prompt: str | None = None, **request: Any) -> AsyncItemStream:
+        return (await self.submit(prompt, **request)).items()
+
     async def run_sync(self, prompt: str | None = None, **request: Any) -> Completion:
         return await (await self.submit(prompt, **request)).result()
+
+    async def describe(self) -> WorkerCard:
+        return (await (await self.submit(describe=True)).result()).card
 
     def job(self, job_id: str) -> AsyncJob:
         return AsyncJob(self, job_id, time.monotonic())
@@ -498,6 +604,8 @@ class AsyncClient:
         return await self._call("GET", "/health")
 
     async def aclose(self) -> None:
+        if self._drains:
+            await asyncio.wait(self._drains, timeout=DRAIN_WAIT_S)
         await self._http.aclose()
 
     async def __aenter__(self) -> AsyncClient:
@@ -515,7 +623,7 @@ class AsyncClient:
                 if delay is not None:
                     await asyncio.sleep(delay)
                     continue
-                raise ServerError(f"cannot reach {path}: {type(error).__name__}") from error
+                raise _unreachable(self._http.base_url, path, error) from error
             if response.status_code < 400:
                 return response.json()
             delay = _retry_delay(response, attempt, self.max_retries)
@@ -523,6 +631,21 @@ class AsyncClient:
                 raise _error_for(response)
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")
+
+    def _drain(self, tracker: _Tracker) -> None:
+        async def read_to_the_end() -> None:
+            try:
+                while not (tracker.drained or tracker.overdue):
+                    await asyncio.sleep(tracker.next_delay())
+                    asked = time.monotonic()
+                    body = await self._call("GET", tracker.poll_path())
+                    tracker.feed(body, time.monotonic() - asked)
+            except ClientError:
+                pass  # nothing of it was for the caller
+
+        task = asyncio.ensure_future(read_to_the_end())
+        self._drains.add(task)
+        task.add_done_callback(self._drains.discard)
 
 
 class AsyncJob:
@@ -538,13 +661,16 @@ class AsyncJob:
     def stream(self) -> AsyncTextStream:
         return AsyncTextStream(self, self._follow())
 
-    async def result(self) -> Completion:
-        async with self.stream() as deltas:
-            async for _ in deltas:
-                pass
-        return deltas.completion
+    def items(self) -> AsyncItemStream:
+        return AsyncItemStream(self, self._follow())
 
-    async def _follow(self) -> AsyncIterator[str | Completion]:
+    async def result(self) -> Completion:
+        async with self.items() as items:
+            async for _ in items:
+                pass
+        return items.completion
+
+    async def _follow(self) -> AsyncIterator[StreamItem | Completion]:
         client = self._client
         tracker = _Tracker(
             client.channel, self.id, self.submitted_at, client.poll_interval, client.timeout
@@ -553,18 +679,21 @@ class AsyncJob:
             while True:
                 asked = time.monotonic()
                 body = await client._call("GET", tracker.poll_path())
-                for text in tracker.feed(body, held_s=time.monotonic() - asked):
-                    yield text
+                for item in tracker.feed(body, held_s=time.monotonic() - asked):
+                    yield item
                 if tracker.ended:
                     break
                 if tracker.overdue:
                     raise JobTimeout(self.id, "cancelled after the client's timeout")
                 await asyncio.sleep(tracker.next_delay())
         finally:
-            if tracker.status not in FINAL_STATUSES:
+            if tracker.final is None and tracker.status not in FINAL_STATUSES:
                 await self._cancel_quietly()
-        if tracker.status != "COMPLETED":
-            raise _job_failure(self.id, await client._call("GET", f"/status/{self.id}"))
+        if tracker.final is None:
+            if tracker.status != "COMPLETED":
+                raise _job_failure(self.id, await client._call("GET", f"/status/{self.id}"))
+        elif not tracker.drained:
+            client._drain(tracker)
         yield tracker.completion()
 
     async def _cancel_quietly(self) -> None:
@@ -574,19 +703,19 @@ class AsyncJob:
             pass  # the caller's own exception matters more
 
 
-class AsyncTextStream:
-    """`TextStream`, to iterate with `async for`."""
+class AsyncItemStream:
+    """`ItemStream`, to iterate with `async for`."""
 
-    def __init__(self, job: AsyncJob, follow: AsyncIterator[str | Completion]):
+    def __init__(self, job: AsyncJob, follow: AsyncIterator[StreamItem | Completion]):
         self.job = job
         self.completion: Completion | None = None
         self._follow = follow
         self._started = False
 
-    def __aiter__(self) -> AsyncTextStream:
+    def __aiter__(self):
         return self
 
-    async def __anext__(self) -> str:
+    async def __anext__(self) -> StreamItem:
         self._started = True
         piece = await anext(self._follow)
         if isinstance(piece, Completion):
@@ -600,11 +729,21 @@ class AsyncTextStream:
             await self.job._cancel_quietly()
         await self._follow.aclose()
 
-    async def __aenter__(self) -> AsyncTextStream:
+    async def __aenter__(self):
         return self
 
     async def __aexit__(self, *exc_info) -> None:
         await self.aclose()
+
+
+class AsyncTextStream(AsyncItemStream):
+    """`TextStream`, to iterate with `async for`."""
+
+    async def __anext__(self) -> str:
+        while True:
+            item = await super().__anext__()
+            if item.text:
+                return item.text
 
 
 # --- The command line --------------------------------------------------------
@@ -613,33 +752,43 @@ class AsyncTextStream:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--generate-key", action="store_true", help="print a new ENCRYPTION_KEY")
+    parser.add_argument(
+        "--key-id",
+        action="store_true",
+        help="print the fingerprint of each key of ENCRYPTION_KEY, as the worker logs it",
+    )
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--endpoint-id", help="the RunPod endpoint to call")
     where.add_argument("--base-url", help="an endpoint's URL, e.g. the loopback endpoint's")
     parser.add_argument("--prompt", help="the user message (sent through the chat template)")
     parser.add_argument("--system", help="a system message before it")
     parser.add_argument("--raw", action="store_true", help="send --prompt as a plain completion")
+    parser.add_argument("--json-schema", metavar="FILE", help="answer in JSON matching this schema")
+    parser.add_argument("--describe", action="store_true", help="print what the endpoint serves")
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--temperature", type=float, default=0.7)
     args = parser.parse_args(argv)
     if args.generate_key:
-        print(protocol.generate_key())
+        print(channel.generate_key())
         return 0
-    if not (args.endpoint_id or args.base_url) or args.prompt is None:
-        parser.error("give --endpoint-id (or --base-url) and --prompt, or --generate-key")
-
-    sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature}
-    if args.raw:
-        request: dict[str, Any] = {"prompt": args.prompt}
-    else:
-        system = [{"role": "system", "content": args.system}] if args.system else []
-        request = {"messages": [*system, {"role": "user", "content": args.prompt}]}
     try:
+        if args.key_id:
+            for key in channel.load_keys(os.environ.get("ENCRYPTION_KEY")):
+                print(key.id)
+            return 0
+        if not (args.endpoint_id or args.base_url) or (args.prompt is None and not args.describe):
+            parser.error(
+                "give --endpoint-id (or --base-url) and --prompt (or --describe), "
+                "or --generate-key, or --key-id"
+            )
         with Client(args.endpoint_id, base_url=args.base_url) as client:
-            with client.stream(**request, sampling_params=sampling) as deltas:
+            if args.describe:
+                print(json.dumps(client.describe().to_dict(), indent=2))
+                return 0
+            with client.stream(**_cli_request(args)) as deltas:
                 for delta in deltas:
                     print(delta, end="", flush=True)
-    except (ValueError, pydantic.ValidationError) as error:
+    except (ValueError, pydantic.ValidationError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except ClientError as error:
@@ -655,6 +804,21 @@ def main(argv: list[str]) -> int:
         ttft = f"TTFT {done.ttft_s * 1000:.0f} ms" if done.ttft_s is not None else "no text"
         print(f"[{done.usage.completion_tokens} tokens, {ttft}{rate}]", file=sys.stderr)
     return 0
+
+
+def _cli_request(args: argparse.Namespace) -> dict[str, Any]:
+    request: dict[str, Any] = {
+        "sampling_params": {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    }
+    if args.raw:
+        request["prompt"] = args.prompt
+    else:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        request["messages"] = [*system, {"role": "user", "content": args.prompt}]
+    if args.json_schema:
+        with open(args.json_schema) as schema:
+            request["structured_output"] = {"json_schema": json.load(schema)}
+    return request
 
 
 if __name__ == "__main__":

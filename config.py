@@ -15,9 +15,16 @@ import os
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-import protocol
+import channel
 from utils import ModelRef, ModelSources, parse_models
 
 # Chosen so that one worker keeps enough sequences in flight for continuous
@@ -38,6 +45,18 @@ DEFAULT_ENCRYPTION_TTL_S = 900
 DEFAULT_MAX_ITEMS_PER_S = 500.0
 # Room for a prompt that fills a 128k-token context, padded and encrypted.
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+# How long a stopping worker (SIGTERM) lets its jobs in hand run before it
+# ends them with WORKER_STOPPED. RunPod documents no window between SIGTERM
+# and SIGKILL; Docker's default is 10 s, and the engine's shutdown and the
+# process's exit take about 2 s of it.
+DEFAULT_STOP_GRACE_S = 6.0
+# Under constant-rate streaming a stream's item count is rounded up to a
+# multiple of this: its length then tells an observer only which band of 16
+# items (at 50 ms an item, 0.8 s) it fell in.
+DEFAULT_STREAM_ITEMS_QUANTUM = 16
+# Under constant-rate streaming every item is exactly one bucket, which must
+# hold the final item's finish_reason and usage beside some text.
+MIN_SHAPED_BUCKET = 256
 
 
 class ConfigError(ValueError):
@@ -60,7 +79,18 @@ class WorkerConfig(BaseModel):
     max_items_per_s: float = Field(
         DEFAULT_MAX_ITEMS_PER_S, alias="MAX_ITEMS_PER_SECOND", ge=0, allow_inf_nan=False
     )
-    padding_bucket: int = Field(protocol.ITEM_BUCKET_BYTES, alias="PADDING_BUCKET", ge=0)
+    padding_bucket: int = Field(channel.ITEM_BUCKET_BYTES, alias="PADDING_BUCKET", ge=0)
+    # Constant-rate streaming (off at 0): one item of one bucket per interval.
+    stream_interval_ms: int = Field(0, alias="STREAM_INTERVAL_MS", ge=0, le=60_000)
+    stream_items_quantum: int = Field(
+        DEFAULT_STREAM_ITEMS_QUANTUM, alias="STREAM_ITEMS_QUANTUM", ge=1, le=4096
+    )
+    stop_grace_s: float = Field(
+        DEFAULT_STOP_GRACE_S, alias="STOP_GRACE_S", ge=0, le=3600, allow_inf_nan=False
+    )
+    # vLLM's parser names; checked against vLLM's registries at start.
+    tool_call_parser: str | None = Field(None, alias="TOOL_CALL_PARSER")
+    reasoning_parser: str | None = Field(None, alias="REASONING_PARSER")
     # The runpod SDK's own variable: at DEBUG it logs every job's input and
     # output (ciphertexts), so only quieter levels are accepted.
     runpod_log_level: Literal["INFO", "WARN", "ERROR"] = Field("INFO", alias="RUNPOD_LOG_LEVEL")
@@ -75,7 +105,7 @@ class WorkerConfig(BaseModel):
     @field_validator("encryption_key")
     @classmethod
     def _check_key(cls, value: str) -> str:
-        protocol.load_keys(value)  # its ValueError never repeats the key
+        channel.load_keys(value)  # its ValueError never repeats the key
         return value
 
     @field_validator("padding_bucket")
@@ -107,11 +137,20 @@ class WorkerConfig(BaseModel):
             )
         return value.upper() if isinstance(value, str) else value
 
-    def inbox(self) -> protocol.Inbox:
+    @model_validator(mode="after")
+    def _shaping_fits(self) -> WorkerConfig:
+        if self.stream_interval_ms and self.padding_bucket < MIN_SHAPED_BUCKET:
+            raise ValueError(
+                f"STREAM_INTERVAL_MS: constant-rate streaming needs PADDING_BUCKET of at "
+                f"least {MIN_SHAPED_BUCKET}, every item being exactly one bucket"
+            )
+        return self
+
+    def inbox(self) -> channel.Inbox:
         """The worker's channel, with this configuration's limits."""
-        channel = protocol.Channel(self.encryption_key, item_bucket=self.padding_bucket)
-        return protocol.Inbox(
-            channel, ttl_s=self.encryption_ttl_s, max_request_bytes=self.max_request_bytes
+        keys = channel.Channel(self.encryption_key, item_bucket=self.padding_bucket)
+        return channel.Inbox(
+            keys, ttl_s=self.encryption_ttl_s, max_request_bytes=self.max_request_bytes
         )
 
     @classmethod
@@ -141,8 +180,11 @@ def _describe(error: ValidationError) -> list[str]:
     """One line per problem, naming the variable and never its value."""
     lines = []
     for detail in error.errors(include_input=False, include_url=False):
-        name = detail["loc"][0] if detail["loc"] else "environment"
         message = detail["msg"].removeprefix("Value error, ")
+        if not detail["loc"]:  # a rule across variables: it names them itself
+            lines.append(message)
+            continue
+        name = detail["loc"][0]
         if detail["type"] == "missing":
             message = f"{name} is required"
         elif not message.startswith(str(name)):

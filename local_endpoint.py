@@ -305,7 +305,12 @@ class LocalEndpoint:
         self.workers_seen[worker_id] = time.monotonic()
         batch = "batch_size" in request.query
         wanted = max(int(request.query.get("batch_size", 1)), 1)
-        if not await self._wait_until(lambda: bool(self.queue), self.hold_s):
+
+        def gone() -> bool:  # a stopping worker abandons its poll: hand it nothing
+            return request.transport is None or request.transport.is_closing()
+
+        await self._wait_until(lambda: bool(self.queue) or gone(), self.hold_s)
+        if gone() or not self.queue:
             return web.Response(status=204)
         taken = []
         while self.queue and len(taken) < wanted:
@@ -487,10 +492,11 @@ class WorkerProcess:
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self, timeout_s: float = 30.0) -> int:
-        """SIGTERM, as RunPod stops a worker; SIGKILL after `timeout_s`. Any
-        process of the group still alive (an engine process) is killed."""
+        """SIGTERM to the worker alone, as `docker stop` signals a
+        container's first process; SIGKILL after `timeout_s`. Any process of
+        the group still alive (an engine process) is killed."""
         if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:

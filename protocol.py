@@ -1,50 +1,68 @@
-"""Wire protocol v1: the one module that both the worker and the client import.
-
-A job's input is `{"ciphertext": <Fernet token>}` whose plaintext is a JSON
-`Request`; each streamed output item is `{"ciphertext": <Fernet token>}` whose
-plaintext is a JSON `StreamItem`. README.md specifies the same thing in prose,
-for clients in other languages.
+"""Wire protocol v1.1: what a job's plaintext request and each streamed
+item's plaintext say. The worker and the client both import it; `channel.py`
+encrypts them. docs/protocol.md specifies the same in prose, for clients in
+other languages.
 
 Rules:
-- Nothing crosses RunPod in the clear: every job input and every output item
-  is one Fernet token, its plaintext padded so that the token's length tells
-  only a size bucket.
+- The fields map one-to-one onto OpenAI's chat API (messages, tools,
+  tool_choice, response formats, logprobs), so that a gateway translates
+  names, never meanings.
 - One schema validates requests on both sides: the client, to give a detailed
   message before anything is sent; the worker, to refuse what a client should
-  not have sent.
+  not have sent. Unknown fields and wrong types are errors at every level;
+  nothing is silently dropped.
+- Every field that can grow has a limit, named in its refusal.
 - A refused job is a `ProtocolError`: a stable `ErrorCode` and a reason taken
-  from a fixed set of sentences. Reasons may name a limit, never request
-  content, not even a field name the request used.
+  from a fixed set of sentences. Reasons may name a limit or a rule, never
+  request content, not even a field name the request used.
+- v1 requests are valid v1.1 requests, and v1 clients can read v1.1 items:
+  `text` is always there, every new key is optional.
 """
 
 from __future__ import annotations
 
 import enum
-import hashlib
-import heapq
 import json
-import time
+import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Annotated, Any, Literal, NamedTuple
+from dataclasses import KW_ONLY, dataclass
+from typing import Annotated, Any, Literal
 
-from cryptography.fernet import Fernet, InvalidToken, MultiFernet
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-VERSION = 1
+VERSION = "1.1"
 
 # Limits of the request schema, checked by the client and again by the worker.
 MAX_MESSAGES = 1024
+MAX_CONTENT_PARTS = 256  # text parts of one message
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
+MAX_TOOLS = 128  # OpenAI's own limit
+MAX_TOOL_CALLS = 128  # of one assistant message
+MAX_ID_CHARS = 256  # a tool call's id
+MAX_DESCRIPTION_CHARS = 16384  # a tool's description
+# A JSON document inside a request (a schema, a tool's parameters, a tool
+# call's arguments), as compact JSON, and how deeply it may nest: grammar
+# compilers recurse over schemas.
+MAX_JSON_BYTES = 65536
+MAX_JSON_DEPTH = 32
+MAX_REGEX_CHARS = 4096
+MAX_GRAMMAR_CHARS = 65536
+MAX_CHOICES = 256
+MAX_CHOICE_CHARS = 256
+MAX_TEMPLATE_KWARGS = 32
+MAX_TEMPLATE_KWARG_CHARS = 1024  # a key or a string value
+MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI's top_logprobs
+MAX_N = 1  # completions per request: one stream, one answer
 
-# Plaintext padding: an output item fills whole buckets of this many bytes (a
-# multiple of AES's 16-byte block, so the token's length depends on the
-# bucket count alone); a request fills the next power of two from 1 KiB.
-ITEM_BUCKET_BYTES = 256
-REQUEST_MIN_BYTES = 1024
+# OpenAI's rule for function names.
+TOOL_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+# Keys the worker sets itself when it renders a chat.
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {"messages", "tools", "add_generation_prompt", "continue_final_message", "chat_template"}
+)
 
 
 class ErrorCode(enum.StrEnum):
@@ -55,6 +73,7 @@ class ErrorCode(enum.StrEnum):
     REPLAYED = "REPLAYED"
     INVALID_INPUT = "INVALID_INPUT"
     ENGINE_ERROR = "ENGINE_ERROR"
+    WORKER_STOPPED = "WORKER_STOPPED"
 
 
 class ProtocolError(Exception):
@@ -81,12 +100,32 @@ _INT64 = 2**63 - 1
 _INT32 = 2**31 - 1
 TokenId = Annotated[int, Field(ge=0, le=_INT32)]
 
+# The pydantic error type whose message is a reason the worker may return
+# as it is: a fixed sentence that names a limit or a rule, nothing else.
+_REASON = "protocol_reason"
+
+
+def _refuse(reason: str) -> PydanticCustomError:
+    return PydanticCustomError(_REASON, reason)
+
 
 def _limit(name: str, value: int, limit: int) -> None:
-    """A schema limit, reported as its own error type so that the worker's
-    refusal can name the limit (and nothing else)."""
     if value > limit:
-        raise PydanticCustomError("protocol_limit", f"request exceeds {name}={limit}")
+        raise _refuse(f"request exceeds {name}={limit}")
+
+
+def _check_json_document(value: Any) -> Any:
+    """A JSON document inside the request stays within MAX_JSON_BYTES and
+    MAX_JSON_DEPTH (measured before serializing, so no deep recursion)."""
+    pending = [(value, 1)]
+    while pending:
+        node, depth = pending.pop()
+        if isinstance(node, dict | list):
+            _limit("MAX_JSON_DEPTH", depth, MAX_JSON_DEPTH)
+            children = node.values() if isinstance(node, dict) else node
+            pending += [(child, depth + 1) for child in children]
+    _limit("MAX_JSON_BYTES", len(json.dumps(value, separators=(",", ":"))), MAX_JSON_BYTES)
+    return value
 
 
 class SamplingParams(BaseModel):
@@ -94,8 +133,8 @@ class SamplingParams(BaseModel):
     the model's defaults (its generation_config.json), then vLLM's.
 
     `max_tokens` omitted means: until the model stops or its context is full.
-    Fields that would change the shape of the stream (n, logprobs, ...) are
-    not offered; sending one is an unknown field, like any other.
+    `logprobs`: the sampled token's log-probability and this many top
+    alternatives per token (OpenAI's `top_logprobs`); omitted: none.
     """
 
     model_config = _STRICT
@@ -116,6 +155,8 @@ class SamplingParams(BaseModel):
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
     spaces_between_special_tokens: bool | None = None
+    logprobs: int | None = Field(None, ge=0)
+    n: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _within_limits(self) -> SamplingParams:
@@ -123,50 +164,295 @@ class SamplingParams(BaseModel):
         _limit("MAX_STOP_STRINGS", len(stops), MAX_STOP_STRINGS)
         _limit("MAX_STOP_CHARS", max(map(len, stops), default=0), MAX_STOP_CHARS)
         _limit("MAX_STOP_TOKEN_IDS", len(self.stop_token_ids or ()), MAX_STOP_TOKEN_IDS)
+        _limit("MAX_LOGPROBS", self.logprobs or 0, MAX_LOGPROBS)
+        _limit("MAX_N", self.n or 1, MAX_N)
         return self
 
     def to_engine_kwargs(self) -> dict[str, Any]:
         """The fields the request set, as `vllm.SamplingParams` keywords."""
+        return self.model_dump(exclude_none=True, exclude={"n"})
+
+
+# Messages, as OpenAI's chat API has them for text.
+
+
+class TextPart(BaseModel):
+    model_config = _STRICT
+
+    type: Literal["text"]
+    text: str
+
+
+# OpenAI's non-text content parts: recognised, so that the refusal can say why.
+_MEDIA_PARTS = {"image_url", "input_audio", "file", "image", "audio", "video_url", "input_image"}
+
+
+def _text_parts_only(value: Any) -> Any:
+    if isinstance(value, list):
+        _limit("MAX_CONTENT_PARTS", len(value), MAX_CONTENT_PARTS)
+        for part in value:
+            if isinstance(part, dict) and part.get("type") in _MEDIA_PARTS:
+                raise _refuse("image, audio and file content parts are not supported")
+    return value
+
+
+Content = Annotated[str | list[TextPart], Field(union_mode="left_to_right")]
+
+
+class _Message(BaseModel):
+    model_config = _STRICT
+
+    @field_validator("content", mode="before", check_fields=False)
+    @classmethod
+    def _content_parts(cls, value: Any) -> Any:
+        return _text_parts_only(value)
+
+    def to_template(self) -> dict[str, Any]:
+        """The message as chat templates (through vLLM's renderer) read it."""
         return self.model_dump(exclude_none=True)
 
 
-class Message(BaseModel):
+class SystemMessage(_Message):
+    role: Literal["system"]
+    content: Content
+    name: str | None = None
+
+
+class UserMessage(_Message):
+    role: Literal["user"]
+    content: Content
+    name: str | None = None
+
+
+class FunctionCall(BaseModel):
     model_config = _STRICT
 
-    role: Literal["system", "user", "assistant"]
-    content: str
+    name: str = Field(pattern=TOOL_NAME)
+    arguments: str  # JSON text, as the model wrote it
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, value: str) -> str:
+        _limit("MAX_JSON_BYTES", len(value.encode()), MAX_JSON_BYTES)
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise _refuse("a tool call's arguments are not a JSON object")
+        _check_json_document(parsed)
+        return value
+
+
+class ToolCall(BaseModel):
+    model_config = _STRICT
+
+    id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class AssistantMessage(_Message):
+    """A previous answer: text, tool calls, or both (content may be null)."""
+
+    role: Literal["assistant"]
+    content: Content | None = None
+    tool_calls: list[ToolCall] | None = None
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _says_something(self) -> AssistantMessage:
+        _limit("MAX_TOOL_CALLS", len(self.tool_calls or ()), MAX_TOOL_CALLS)
+        if self.content is None and not self.tool_calls:
+            raise _refuse("an assistant message needs content or tool_calls")
+        return self
+
+    def to_template(self) -> dict[str, Any]:
+        message = super().to_template()
+        # Chat templates index tool calls' arguments as objects (hermes,
+        # llama, qwen...), as vLLM's own server passes them.
+        for call in message.get("tool_calls", ()):
+            call["function"]["arguments"] = json.loads(call["function"]["arguments"])
+        return message
+
+
+class ToolMessage(_Message):
+    """A tool's result, answering the assistant's call `tool_call_id`."""
+
+    role: Literal["tool"]
+    content: Content
+    tool_call_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+
+
+Message = Annotated[
+    SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")
+]
+
+
+# Tools and the constraints on what the model writes.
+
+
+class FunctionDefinition(BaseModel):
+    model_config = _STRICT
+
+    name: str = Field(pattern=TOOL_NAME)
+    description: str | None = Field(None, max_length=MAX_DESCRIPTION_CHARS)
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _bounded(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if value is None else _check_json_document(value)
+
+    def arguments_schema(self) -> dict[str, Any]:
+        """What the arguments must match: the parameters, or any object."""
+        return self.parameters if self.parameters is not None else {"type": "object"}
+
+
+class Tool(BaseModel):
+    model_config = _STRICT
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    model_config = _STRICT
+
+    name: str = Field(pattern=TOOL_NAME)
+
+
+class NamedToolChoice(BaseModel):
+    """Forces a call of this one function."""
+
+    model_config = _STRICT
+
+    type: Literal["function"]
+    function: FunctionName
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class StructuredOutput(BaseModel):
+    """Exactly one constraint on the completion's text, enforced by the
+    engine's structured-output backend while it samples."""
+
+    model_config = _STRICT
+
+    json_schema: dict[str, Any] | None = None
+    json_object: Literal[True] | None = None  # any JSON object
+    regex: str | None = Field(None, max_length=MAX_REGEX_CHARS)
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = Field(None, max_length=MAX_GRAMMAR_CHARS)  # EBNF (GBNF) or Lark
+
+    @field_validator("json_schema")
+    @classmethod
+    def _bounded(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if value is None else _check_json_document(value)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutput:
+        given = [name for name, value in self if value is not None]
+        if len(given) != 1:
+            raise _refuse("structured_output needs exactly one constraint")
+        _limit("MAX_CHOICES", len(self.choice or ()), MAX_CHOICES)
+        _limit("MAX_CHOICE_CHARS", max(map(len, self.choice or ()), default=0), MAX_CHOICE_CHARS)
+        return self
+
+
+TemplateValue = str | bool | int | float | None
 
 
 class Request(BaseModel):
     """A job's plaintext: a `prompt`, or chat `messages` that the worker
-    renders with the model's chat template (with the generation prompt)."""
+    renders with the model's chat template (with the generation prompt);
+    or `{"describe": true}` alone, answered with the worker's card."""
 
     model_config = _STRICT
 
     prompt: str | None = None
     messages: list[Message] | None = Field(None, min_length=1)
     sampling_params: SamplingParams = SamplingParams()
+    structured_output: StructuredOutput | None = None
+    tools: list[Tool] | None = Field(None, min_length=1)
+    # Omitted: "auto" when there are tools, as in OpenAI's API.
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # omitted: true
+    chat_template_kwargs: dict[str, TemplateValue] | None = None
+    describe: Literal[True] | None = None
 
     @model_validator(mode="after")
-    def _one_input(self) -> Request:
+    def _consistent(self) -> Request:
+        if self.describe:
+            if self.model_fields_set - {"describe"}:
+                raise _refuse("describe takes no other field")
+            return self
         if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of 'prompt' or 'messages'")
+            raise _refuse("request needs exactly one of prompt or messages")
+        if self.prompt is not None and not self.prompt:
+            raise _refuse("the prompt is empty")
         _limit("MAX_MESSAGES", len(self.messages or ()), MAX_MESSAGES)
+        self._check_tools()
+        self._check_template_kwargs()
         return self
+
+    def _check_tools(self) -> None:
+        if self.messages is None and (self.tools or self.chat_template_kwargs is not None):
+            raise _refuse("tools and chat_template_kwargs need messages, not a prompt")
+        names = [tool.function.name for tool in self.tools or ()]
+        _limit("MAX_TOOLS", len(names), MAX_TOOLS)
+        if len(set(names)) != len(names):
+            raise _refuse("two tools have the same name")
+        if self.tool_choice is not None and not self.tools:
+            raise _refuse("tool_choice needs tools")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            if self.tool_choice.function.name not in names:
+                raise _refuse("tool_choice names a function that tools does not define")
+        if self.forced_tool_calls and self.structured_output is not None:
+            raise _refuse("structured_output cannot be combined with a forced tool_choice")
+
+    def _check_template_kwargs(self) -> None:
+        kwargs = self.chat_template_kwargs or {}
+        _limit("MAX_TEMPLATE_KWARGS", len(kwargs), MAX_TEMPLATE_KWARGS)
+        longest = max(
+            (len(text) for item in kwargs.items() for text in item if isinstance(text, str)),
+            default=0,
+        )
+        _limit("MAX_TEMPLATE_KWARG_CHARS", longest, MAX_TEMPLATE_KWARG_CHARS)
+        if kwargs.keys() & RESERVED_TEMPLATE_KWARGS:
+            raise _refuse("chat_template_kwargs sets a key the worker sets itself")
+
+    @property
+    def effective_tool_choice(self) -> ToolChoice:
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
+
+    @property
+    def forced_tool_calls(self) -> bool:
+        """tool_choice "required" or a named function: the calls are forced."""
+        return self.tools is not None and self.effective_tool_choice not in ("none", "auto")
+
+    @property
+    def allows_parallel_tool_calls(self) -> bool:
+        return self.parallel_tool_calls is not False
 
 
 def validate_request(
     prompt: str | None = None,
-    messages: Sequence[dict[str, str]] | None = None,
+    messages: Sequence[dict[str, Any]] | None = None,
     sampling_params: dict[str, Any] | None = None,
+    **fields: Any,
 ) -> Request:
-    """Build a Request, raising pydantic's detailed ValidationError locally."""
+    """Build a Request, raising pydantic's detailed ValidationError locally.
+    `fields`: the other request fields (tools, structured_output, ...)."""
+    given = {"prompt": prompt, "sampling_params": sampling_params, **fields}
+    if messages is not None:
+        given["messages"] = list(messages)
     return Request.model_validate(
-        {
-            "prompt": prompt,
-            "messages": list(messages) if messages is not None else None,
-            "sampling_params": sampling_params or {},
-        }
+        {name: value for name, value in given.items() if value is not None}
     )
 
 
@@ -176,14 +462,15 @@ _VALIDATION_REASONS = {
     "model_type": "plaintext is not a JSON object",
     "extra_forbidden": "request has an unknown field",
     "missing": "request lacks a required field",
-    "value_error": "request needs exactly one of prompt or messages",
+    "union_tag_not_found": "request lacks a required field",
 }
 
 
-def _refusal(error: ValidationError) -> ProtocolError:
-    details = error.errors(include_input=False, include_url=False)
+def refusal(error: ValidationError) -> ProtocolError:
+    """The worker's terse refusal of a request that failed validation."""
+    details = error.errors(include_input=False, include_url=False, include_context=False)
     for detail in details:
-        if detail["type"] == "protocol_limit":
+        if detail["type"] == _REASON:
             return ProtocolError(ErrorCode.INVALID_INPUT, detail["msg"])
     kinds = [detail["type"] for detail in details]
     for kind, reason in _VALIDATION_REASONS.items():
@@ -192,6 +479,18 @@ def _refusal(error: ValidationError) -> ProtocolError:
     if any(kind.endswith("_type") for kind in kinds):
         return ProtocolError(ErrorCode.INVALID_INPUT, "a request field has the wrong type")
     return ProtocolError(ErrorCode.INVALID_INPUT, "a request field has a value it does not allow")
+
+
+def parse_request(plaintext: bytes) -> Request:
+    """A request's plaintext, validated; ProtocolError with a fixed reason."""
+    try:
+        return Request.model_validate_json(plaintext)
+    except ValidationError as error:
+        raise refusal(error) from None
+    except RecursionError:  # JSON nested past the parser's own limit
+        raise ProtocolError(
+            ErrorCode.INVALID_INPUT, f"request exceeds MAX_JSON_DEPTH={MAX_JSON_DEPTH}"
+        ) from None
 
 
 # --- Stream items --------------------------------------------------------
@@ -204,15 +503,117 @@ class Usage:
 
 
 @dataclass(frozen=True)
-class StreamItem:
-    """One streamed delta; the last one of a job also has finish_reason and usage."""
+class ToolCallDelta:
+    """A piece of one tool call, as OpenAI streams them: the first piece of
+    call `index` carries its `id` and `name`; later ones add `arguments`
+    text, which joins into the call's JSON arguments."""
 
-    text: str
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"index": self.index}
+        if self.id is not None:
+            body["id"] = self.id
+            body["type"] = "function"
+        function = {}
+        if self.name is not None:
+            function["name"] = self.name
+        if self.arguments:
+            function["arguments"] = self.arguments
+        if function:
+            body["function"] = function
+        return body
+
+    @classmethod
+    def from_dict(cls, body: dict[str, Any]) -> ToolCallDelta:
+        function = body.get("function") or {}
+        return cls(
+            body["index"], body.get("id"), function.get("name"), function.get("arguments", "")
+        )
+
+
+@dataclass(frozen=True)
+class ToolCallResult:
+    """A whole tool call, its deltas joined."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def to_openai(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
+
+
+def join_tool_calls(deltas: Sequence[ToolCallDelta]) -> list[ToolCallResult]:
+    """Joins tool-call deltas, by index, into whole calls."""
+    calls: dict[int, list[str]] = {}
+    for delta in deltas:
+        call = calls.setdefault(delta.index, ["", "", ""])
+        call[0] = delta.id or call[0]
+        call[1] = delta.name or call[1]
+        call[2] += delta.arguments
+    return [ToolCallResult(*calls[index]) for index in sorted(calls)]
+
+
+# A token's log-probability as OpenAI's `logprobs.content` entries have it:
+# {"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}.
+TokenLogprob = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class WorkerCard:
+    """What a worker can do, answered to `{"describe": true}`."""
+
+    model: str
+    max_model_len: int
+    chat_template: bool  # whether `messages` (and tools) can be rendered
+    tool_call_parser: str | None  # needed for tool_choice "auto"
+    reasoning_parser: str | None
+    structured_output_backend: str
+    max_logprobs: int
+    protocol: str = VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, body: dict[str, Any]) -> WorkerCard:
+        return cls(**body)
+
+
+@dataclass(frozen=True)
+class StreamItem:
+    """What is new since the previous item of a job; the last one of a job
+    also has finish_reason and usage."""
+
+    text: str = ""
     finish_reason: str | None = None
     usage: Usage | None = None
+    _: KW_ONLY
+    reasoning: str = ""
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
+    card: WorkerCard | None = None
 
-    def to_json(self) -> bytes:
+    @property
+    def final(self) -> bool:
+        return self.usage is not None
+
+    def to_dict(self) -> dict[str, Any]:
         body: dict[str, Any] = {"text": self.text}
+        if self.reasoning:
+            body["reasoning"] = self.reasoning
+        if self.tool_calls:
+            body["tool_calls"] = [delta.to_dict() for delta in self.tool_calls]
+        if self.logprobs:
+            body["logprobs"] = list(self.logprobs)
         if self.finish_reason is not None:
             body["finish_reason"] = self.finish_reason
         if self.usage is not None:
@@ -220,211 +621,38 @@ class StreamItem:
                 "prompt_tokens": self.usage.prompt_tokens,
                 "completion_tokens": self.usage.completion_tokens,
             }
-        return json.dumps(body, ensure_ascii=False).encode()
+        if self.card is not None:
+            body["card"] = self.card.to_dict()
+        return body
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), ensure_ascii=False).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> StreamItem:
         body = json.loads(data)
-        usage = body.get("usage")
+        usage, card = body.get("usage"), body.get("card")
+        text = body["text"]
+        if not isinstance(text, str):
+            raise TypeError("text is not a string")
         return cls(
-            text=body["text"],
+            text=text,
+            reasoning=body.get("reasoning", ""),
+            tool_calls=tuple(map(ToolCallDelta.from_dict, body.get("tool_calls", ()))),
+            logprobs=tuple(body.get("logprobs", ())),
             finish_reason=body.get("finish_reason"),
             usage=Usage(**usage) if usage is not None else None,
+            card=WorkerCard.from_dict(card) if card is not None else None,
+        )
+
+    @property
+    def empty(self) -> bool:
+        """Carries nothing: a constant-rate stream's filler."""
+        return not (self.text or self.reasoning or self.tool_calls or self.logprobs) and (
+            self.usage is None and self.card is None
         )
 
 
-# --- Keys, padding and the channel ----------------------------------------
-
-
-def generate_key() -> str:
-    """A new random key for ENCRYPTION_KEY."""
-    return Fernet.generate_key().decode()
-
-
-KEY_HELP = (
-    "ENCRYPTION_KEY must be a Fernet key: url-safe base64 of 32 random bytes "
-    "(44 characters), or several such keys separated by commas while rotating. "
-    "Make one with: python3 client.py --generate-key"
-)
-
-
-def load_keys(value: str | None) -> MultiFernet:
-    """ENCRYPTION_KEY as a cipher: every key decrypts, the first encrypts.
-    ValueError says what a valid key looks like and never repeats the value."""
-    keys = [part.strip() for part in (value or "").split(",")]
-    if not any(keys):
-        raise ValueError(f"ENCRYPTION_KEY is not set. {KEY_HELP}")
-    fernets = []
-    for position, key in enumerate(keys, start=1):
-        try:
-            fernets.append(Fernet(key))
-        except (ValueError, TypeError):
-            where = f"key {position} of {len(keys)}" if len(keys) > 1 else "the key"
-            raise ValueError(f"ENCRYPTION_KEY: {where} is malformed. {KEY_HELP}") from None
-    return MultiFernet(fernets)
-
-
-def pad_item(plaintext: bytes, bucket: int) -> bytes:
-    """Trailing spaces (still valid JSON) up to whole buckets; 0 pads nothing."""
-    if bucket <= 0:
-        return plaintext
-    return plaintext.ljust(-(-len(plaintext) // bucket) * bucket)
-
-
-def pad_request(plaintext: bytes) -> bytes:
-    """Trailing spaces up to the next power of two from REQUEST_MIN_BYTES."""
-    size = max(REQUEST_MIN_BYTES, 1 << (len(plaintext) - 1).bit_length())
-    return plaintext.ljust(size)
-
-
-class Channel:
-    """Fernet encryption of requests (client to worker) and stream items
-    (worker to client) under ENCRYPTION_KEY."""
-
-    def __init__(self, keys: str, *, item_bucket: int = ITEM_BUCKET_BYTES):
-        self._fernet = load_keys(keys)
-        self._item_bucket = item_bucket
-
-    # Client side.
-
-    def seal_request(self, request: Request) -> dict[str, str]:
-        plaintext = pad_request(request.model_dump_json(exclude_defaults=True).encode())
-        return {"ciphertext": self._fernet.encrypt(plaintext).decode()}
-
-    def open_item(self, output: Any) -> StreamItem:
-        """Decrypt one streamed output item; ProtocolError if it is not a
-        valid item under these keys (wrong key, or tampered with)."""
-        token = output.get("ciphertext") if isinstance(output, dict) else None
-        if not isinstance(token, str):
-            raise ProtocolError(ErrorCode.DECRYPTION_FAILED, "output item has no ciphertext")
-        try:
-            plaintext = self._fernet.decrypt(token)
-        except (InvalidToken, ValueError):  # ValueError: not even ASCII
-            raise ProtocolError(
-                ErrorCode.DECRYPTION_FAILED, "output item is not valid under this key"
-            ) from None
-        try:
-            return StreamItem.from_json(plaintext)
-        except (ValueError, KeyError, TypeError):
-            raise ProtocolError(
-                ErrorCode.DECRYPTION_FAILED, "output item is not a wire protocol v1 item"
-            ) from None
-
-    # Worker side.
-
-    def seal_item(self, item: StreamItem) -> dict[str, str]:
-        plaintext = pad_item(item.to_json(), self._item_bucket)
-        return {"ciphertext": self._fernet.encrypt(plaintext).decode()}
-
-    def decrypt_token(self, token: str) -> tuple[bytes, int]:
-        """The plaintext and its issue time; ProtocolError if not authentic."""
-        try:
-            return self._fernet.decrypt(token), self._fernet.extract_timestamp(token)
-        except (InvalidToken, ValueError):  # ValueError: not even ASCII
-            raise ProtocolError(
-                ErrorCode.DECRYPTION_FAILED, "ciphertext is not a valid token for this worker's key"
-            ) from None
-
-
-class ReplayGuard:
-    """Remembers each token it admits until the token expires anyway.
-
-    Memory is bounded: when `capacity` tokens are remembered, the one issued
-    earliest is forgotten and every token issued no later than it is refused
-    from then on, so a forgotten token can still never be replayed. Under
-    that much traffic the effective age limit shrinks; it never fails open.
-    """
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self._seen: set[bytes] = set()
-        self._by_issue_time: list[tuple[int, bytes]] = []
-        self._floor = -1  # tokens issued at or before this are refused
-
-    def __len__(self) -> int:
-        return len(self._seen)
-
-    def admit(self, token_id: bytes, issued_at: int, expired_before: float) -> ErrorCode | None:
-        """Record a token; the code that refuses it, or None when it is new."""
-        while self._by_issue_time and self._by_issue_time[0][0] < expired_before:
-            self._seen.discard(heapq.heappop(self._by_issue_time)[1])
-        if token_id in self._seen:
-            return ErrorCode.REPLAYED
-        if issued_at <= self._floor:
-            return ErrorCode.TOKEN_EXPIRED
-        if len(self._seen) >= self.capacity:
-            oldest, forgotten = heapq.heappop(self._by_issue_time)
-            self._seen.discard(forgotten)
-            self._floor = max(self._floor, oldest)
-            if issued_at <= self._floor:
-                return ErrorCode.TOKEN_EXPIRED
-        self._seen.add(token_id)
-        heapq.heappush(self._by_issue_time, (issued_at, token_id))
-        return None
-
-
-# Fernet's own allowance for a client clock running ahead of the worker's.
-CLOCK_SKEW_S = 60
-REPLAY_CAPACITY = 65536
-
-
-class Admission(NamedTuple):
-    request: Request
-    issued_at: int  # when the client encrypted it (Fernet's timestamp, in seconds)
-
-
-class Inbox:
-    """The worker's side of the channel: admits a job's request once, while
-    fresh, within the size limit, or refuses it with a ProtocolError."""
-
-    def __init__(
-        self,
-        channel: Channel,
-        *,
-        ttl_s: float,
-        max_request_bytes: int,
-        replay_capacity: int = REPLAY_CAPACITY,
-    ):
-        self.channel = channel
-        self.ttl_s = ttl_s
-        self.max_request_bytes = max_request_bytes
-        self._replays = ReplayGuard(replay_capacity)
-
-    def admit(self, job_input: Any, now: float | None = None) -> Admission:
-        token = self._token_of(job_input)
-        plaintext, issued_at = self.channel.decrypt_token(token)
-        now = time.time() if now is None else now
-        if issued_at < now - self.ttl_s:
-            raise ProtocolError(
-                ErrorCode.TOKEN_EXPIRED, f"token is older than ENCRYPTION_TTL={self.ttl_s:g}s"
-            )
-        if issued_at > now + CLOCK_SKEW_S:
-            raise ProtocolError(
-                ErrorCode.TOKEN_EXPIRED,
-                f"token is issued over {CLOCK_SKEW_S}s ahead of the worker: check the clocks",
-            )
-        token_id = hashlib.sha256(token.encode()).digest()[:16]
-        refused = self._replays.admit(token_id, issued_at, expired_before=now - self.ttl_s)
-        if refused is ErrorCode.REPLAYED:
-            raise ProtocolError(refused, "this token was already accepted by this worker")
-        if refused is ErrorCode.TOKEN_EXPIRED:
-            raise ProtocolError(refused, "token is older than this worker's replay window")
-        try:
-            return Admission(Request.model_validate_json(plaintext), issued_at)
-        except ValidationError as error:
-            raise _refusal(error) from None
-
-    def _token_of(self, job_input: Any) -> str:
-        if not isinstance(job_input, dict) or set(job_input) != {"ciphertext"}:
-            raise ProtocolError(
-                ErrorCode.INVALID_INPUT, 'job input must be exactly {"ciphertext": "<token>"}'
-            )
-        token = job_input["ciphertext"]
-        if not isinstance(token, str):
-            raise ProtocolError(ErrorCode.INVALID_INPUT, "ciphertext must be a string")
-        if len(token) > self.max_request_bytes:
-            raise ProtocolError(
-                ErrorCode.INVALID_INPUT,
-                f"ciphertext exceeds MAX_REQUEST_BYTES={self.max_request_bytes}",
-            )
-        return token
+def new_tool_call_id() -> str:
+    """An id for a tool call the worker parsed, in OpenAI's style."""
+    return f"call_{secrets.token_hex(12)}"

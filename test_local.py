@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import channel
 import client
 import protocol
 from config import ConfigError, WorkerConfig
@@ -57,7 +58,7 @@ def apply_offline_defaults(environ: dict) -> list[str]:
             "MODELS is unset: using the tiny offline model (its text is gibberish by design)"
         )
     if not environ.get("ENCRYPTION_KEY", "").strip():
-        environ["ENCRYPTION_KEY"] = protocol.generate_key()
+        environ["ENCRYPTION_KEY"] = channel.generate_key()
         notes.append("ENCRYPTION_KEY is unset: using a one-off key for this run")
     return notes
 

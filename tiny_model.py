@@ -9,6 +9,12 @@ Rules:
 - `build(directory)` is deterministic for a given seed and idempotent: a
   directory that already holds a complete build is reused as is.
 - The shape is the smallest that vLLM's CPU attention accepts (head_dim 64).
+- It has what the tests of tools and reasoning need, in the formats vLLM's
+  parsers read: a chat template that renders tools, tool calls and tool
+  results as Hermes/Qwen models do (`<tools>`, `<tool_call>`), the
+  `<think>`, `</think>`, `<tool_call>` and `</tool_call>` markers as single
+  tokens, and byte-level pieces of CJK characters and emoji that split them
+  across tokens (so streaming must join bytes into whole characters).
 """
 
 from __future__ import annotations
@@ -19,22 +25,41 @@ import tempfile
 from pathlib import Path
 
 # Bump when the recipe below changes, so stale cached builds are not reused.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
+# Rendered with trim_blocks, as transformers renders every chat template:
+# a newline right after a block tag is dropped, hence the {{ "\\n" }}.
 CHAT_TEMPLATE = (
+    '{% if tools %}<|system|>{{ "\\n" }}<tools>{{ "\\n" }}'
+    '{% for tool in tools %}{{ tool | tojson }}{{ "\\n" }}{% endfor %}'
+    '</tools>{{ "\\n" }}{% endif %}'
     "{% for message in messages %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
+    '<|{{ message["role"] }}|>{{ "\\n" }}'
+    '{% if message["content"] is string %}{{ message["content"] }}'
+    '{% elif message["content"] %}{% for part in message["content"] %}{{ part["text"] }}'
+    '{% endfor %}{% endif %}{{ "\\n" }}'
+    '{% for call in message["tool_calls"] or [] %}<tool_call>{{ "\\n" }}'
+    '{"name": {{ call["function"]["name"] | tojson }}, '
+    '"arguments": {{ call["function"]["arguments"] | tojson }}}{{ "\\n" }}'
+    '</tool_call>{{ "\\n" }}{% endfor %}'
     "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    '{% if add_generation_prompt %}<|assistant|>{{ "\\n" }}{% endif %}'
 )
+# Markers of vLLM's hermes tool parser and of its <think> reasoning parsers.
+MARKERS = ["<think>", "</think>", "<tool_call>", "</tool_call>"]
 
-# The vocabulary holds only what this corpus contains (printable ASCII), so
-# even random weights print as harmless words; other input maps to <unk>.
+# The vocabulary holds only what this corpus contains (printable ASCII, and
+# the bytes of a few CJK characters and emoji), so even random weights print
+# as harmless words; other input maps to <unk>. The vocabulary is too small
+# to merge every multi-byte character into one token. It lacks "<" and ">":
+# as in real reasoning and tool-calling models, the markers are written only
+# as their own tokens, which is what vLLM's token-based parsers look for.
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog while the encrypted worker "
     "streams every token back to its client: sanity check passed.",
     "ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz 0123456789",
-    "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~\n",
+    "!\"#$%&'()*+,-./:;=?@[\\]^_`{|}~\n",
+    "日本語のテキスト 中文 한국어 🎉🔒✨",
 ]
 
 
@@ -79,6 +104,7 @@ def _write_tokenizer(directory: Path) -> None:
         show_progress=False,
     )
     tokenizer.train_from_iterator(_CORPUS, trainer=trainer)
+    tokenizer.add_tokens(MARKERS)  # single tokens, not special: parsers read them as text
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token="<s>",

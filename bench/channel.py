@@ -29,7 +29,7 @@ import timeit
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import protocol  # noqa: E402
+import channel
 from config import WorkerConfig  # noqa: E402
 from protocol import StreamItem, Usage  # noqa: E402
 
@@ -113,12 +113,12 @@ def sdk_post_us(item: dict, posts: int = 2000, jobs: int = 16) -> float:
 
 
 def main() -> None:
-    key = protocol.generate_key()
+    key = channel.generate_key()
     items = stream(DELTAS)
     ways = {
         "plaintext (no encryption)": lambda item: json.loads(item.to_json()),
-        "Fernet, no padding": protocol.Channel(key, item_bucket=0).seal_item,
-        f"Fernet, padded to {protocol.ITEM_BUCKET_BYTES} B": protocol.Channel(key).seal_item,
+        "Fernet, no padding": channel.Channel(key, item_bucket=0).seal_item,
+        f"Fernet, padded to {channel.ITEM_BUCKET_BYTES} B": channel.Channel(key).seal_item,
     }
     results = {name: measure(seal, items) for name, seal in ways.items()}
     base_us, base_bytes = results["plaintext (no encryption)"]
@@ -126,7 +126,7 @@ def main() -> None:
     print(f"{'':30} {'µs/item':>8} {'bytes/token':>12} {'× plaintext bytes':>18}")
     for name, (micros, wire) in results.items():
         print(f"{name:30} {micros:8.1f} {wire:12.0f} {wire / base_bytes:18.2f}")
-    padded = protocol.Channel(key).seal_item
+    padded = channel.Channel(key).seal_item
     lengths = {len(padded(item)["ciphertext"]) for item in items}
     print(f"\ndistinct ciphertext lengths with padding: {len(lengths)}")
     post_us = sdk_post_us(padded(items[0]))

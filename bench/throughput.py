@@ -77,6 +77,7 @@ import httpx  # noqa: E402
 import psutil  # noqa: E402
 import scipy.stats  # noqa: E402
 
+import channel
 import protocol  # noqa: E402
 from config import WorkerConfig  # noqa: E402
 from test_local import apply_offline_defaults  # noqa: E402
@@ -258,7 +259,7 @@ class HandlerRunner(Runner):
     them; after the round the last of each (for its usage) and every item of
     the checked streams are opened."""
 
-    def __init__(self, worker, channel: protocol.Channel, max_tokens: int):
+    def __init__(self, worker, channel: channel.Channel, max_tokens: int):
         self.worker = worker
         self.channel = channel
         self.sampling = {"temperature": 0, "max_tokens": max_tokens, "ignore_eos": True}
@@ -389,16 +390,17 @@ def check_texts(truth: Level, other: Level, name: str, concurrency: int) -> None
 async def measure_in_process(config: WorkerConfig, args, prompts) -> dict:
     from vllm.utils.gc_utils import freeze_gc_heap
 
-    import rp_handler
+    import boot
+    from worker import Worker
 
-    engine = rp_handler.start_engine(config)
+    engine = boot.start_engine(config)
     freeze_gc_heap()  # as the worker's main does
     try:
-        worker = rp_handler.Worker(engine, config.inbox(), max_items_per_s=config.max_items_per_s)
-        channel = protocol.Channel(config.encryption_key)
+        worker = Worker(engine, config.inbox(), max_items_per_s=config.max_items_per_s)
+        sealer = channel.Channel(config.encryption_key)
         runners = {
             "engine": EngineRunner(engine, args.tokens),
-            "handler": HandlerRunner(worker, channel, args.tokens),
+            "handler": HandlerRunner(worker, sealer, args.tokens),
         }
         for runner in runners.values():  # warm-up
             await run_level(runner, prompts[:8], 8, Level())
@@ -578,13 +580,11 @@ def main() -> None:
     # that is written, not the terminal.
     logging.basicConfig(level=logging.INFO, filename=logs / "worker.log")
 
-    import rp_handler
+    import boot
     import utils
 
     ref = config.models[0]
-    arguments = rp_handler.engine_arguments(
-        config, str(utils.resolve(ref, config.sources)), ref.name
-    )
+    arguments = boot.engine_arguments(config, str(utils.resolve(ref, config.sources)), ref.name)
     count = max(max(args.concurrency) * args.streams_per_client, MIN_STREAMS)
     prompts = [f"Stream {n}: the quick brown fox jumps over the lazy dog." for n in range(count)]
 

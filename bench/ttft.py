@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import channel
 import client  # noqa: E402
 import protocol  # noqa: E402
 from local_endpoint import LocalEndpoint, Serving, WorkerProcess  # noqa: E402
@@ -39,13 +40,13 @@ def ours(endpoint: client.Client) -> float:
     return deltas.completion.ttft_s
 
 
-def runpod_sdk(endpoint, channel: protocol.Channel) -> float:
+def runpod_sdk(endpoint, sealer: channel.Channel) -> float:
     request = protocol.Request.model_validate(REQUEST)
     started = time.monotonic()
-    job = endpoint.run({"input": channel.seal_request(request)})
+    job = endpoint.run({"input": sealer.seal_request(request)})
     first = None
     for output in job.stream():
-        if first is None and channel.open_item(output).text:
+        if first is None and sealer.open_item(output).text:
             first = time.monotonic()
     return first - started
 
@@ -78,13 +79,13 @@ def main() -> None:
             )
             runpod.endpoint_url_base = f"{serving.base_url}/v2"
             sdk_client = runpod.Endpoint(endpoint.endpoint_id, api_key=endpoint.api_key)
-            channel = protocol.Channel(key)
+            sealer = channel.Channel(key)
             for _ in range(3):  # warm-up
                 ours(ours_client)
             samples: dict[str, list[float]] = {"this client": [], "runpod SDK client": []}
             for _ in range(args.jobs):
                 samples["this client"].append(ours(ours_client))
-                samples["runpod SDK client"].append(runpod_sdk(sdk_client, channel))
+                samples["runpod SDK client"].append(runpod_sdk(sdk_client, sealer))
         finally:
             worker.stop()
 

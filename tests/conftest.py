@@ -19,9 +19,9 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 from local_hub import HubProcess, hub_layout  # noqa: E402
 
+import channel
 import client as client_module  # noqa: E402
 import local_endpoint  # noqa: E402
-import protocol  # noqa: E402
 import tiny_model  # noqa: E402
 
 # Room for streams long enough to outlast the scheduling hiccups of two
@@ -36,13 +36,13 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def key() -> str:
-    return protocol.generate_key()
+    return channel.generate_key()
 
 
 @pytest.fixture(scope="session")
-def channel(key) -> protocol.Channel:
+def client_channel(key) -> channel.Channel:
     """The client's side of the channel."""
-    return protocol.Channel(key)
+    return channel.Channel(key)
 
 
 @pytest.fixture(scope="session")
@@ -59,10 +59,10 @@ def worker_env(tiny_model_dir, key) -> dict[str, str]:
 async def engine(worker_env):
     from vllm.utils.gc_utils import freeze_gc_heap
 
-    import rp_handler
+    import boot
     from config import WorkerConfig
 
-    engine = rp_handler.start_engine(WorkerConfig.from_env(worker_env))
+    engine = boot.start_engine(WorkerConfig.from_env(worker_env))
     # The loopback endpoint serves from this process too: keep full garbage
     # collections of the engine's start-up heap from pausing it.
     freeze_gc_heap()
@@ -72,11 +72,11 @@ async def engine(worker_env):
 
 @pytest.fixture(scope="session")
 def worker(engine, worker_env):
-    import rp_handler
     from config import WorkerConfig
+    from worker import Worker
 
     config = WorkerConfig.from_env(worker_env)
-    return rp_handler.Worker(engine, config.inbox(), max_items_per_s=config.max_items_per_s)
+    return Worker(engine, config.inbox(), max_items_per_s=config.max_items_per_s)
 
 
 @pytest.fixture(scope="session")
@@ -107,10 +107,9 @@ def pytest_terminal_summary(terminalreporter):
 
 
 @pytest.fixture(scope="session")
-def retired_key() -> str:
-    """A key the live worker still accepts but no longer answers under, as
-    in the middle of a rotation."""
-    return protocol.generate_key()
+def tenant_key() -> str:
+    """The live worker's second key: another client's (tenant's)."""
+    return channel.generate_key()
 
 
 @dataclasses.dataclass
@@ -151,6 +150,15 @@ class Live:
         response.raise_for_status()
         return response.json()["id"]
 
+    def stored_output(self, job_id: str) -> list:
+        """A finished job's items as RunPod stores them (/status's output)."""
+        response = httpx.get(
+            f"{self.serving.url}/status/{job_id}",
+            headers={"Authorization": f"Bearer {self.endpoint.api_key}"},
+        )
+        response.raise_for_status()
+        return response.json()["output"]
+
     def failure_of(self, job_id: str) -> client_module.JobFailed:
         """The JobFailed that following this job raises."""
         with self.client() as endpoint, pytest.raises(client_module.JobFailed) as caught:
@@ -173,7 +181,7 @@ def hub(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def live(worker_env, key, retired_key, tiny_model_files, hub, tmp_path_factory):
+def live(worker_env, key, tenant_key, tiny_model_files, hub, tmp_path_factory):
     """As on RunPod: MODELS names a model the Hub does not have, then one
     the cached-model volume holds, under a lowercased folder name."""
     volume = tmp_path_factory.mktemp("runpod-volume")
@@ -186,7 +194,8 @@ def live(worker_env, key, retired_key, tiny_model_files, hub, tmp_path_factory):
         "BAKED_MODELS_DIR": str(volume / "none"),
         "HF_HUB_CACHE": str(tmp_path_factory.mktemp("hub-cache")),
         "HF_ENDPOINT": hub.url,
-        "ENCRYPTION_KEY": f"{key},{retired_key}",
+        "ENCRYPTION_KEY": f"{key},{tenant_key}",
+        "TOOL_CALL_PARSER": "hermes",
     }
     log_path = tmp_path_factory.mktemp("worker") / "worker.log"
     with local_endpoint.Serving(local_endpoint.LocalEndpoint()) as serving:

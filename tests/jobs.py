@@ -16,9 +16,9 @@ async def run_job(worker, job_input) -> list[dict]:
     return [output async for output in worker.handler(job)]
 
 
-def open_all(channel, outputs) -> list[StreamItem]:
+def open_all(client_channel, outputs) -> list[StreamItem]:
     assert all("error" not in output for output in outputs), outputs
-    return [channel.open_item(output) for output in outputs]
+    return [client_channel.open_item(output) for output in outputs]
 
 
 def only_error(outputs) -> protocol.ProtocolError:

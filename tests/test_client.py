@@ -4,6 +4,7 @@ the real worker process on the tiny model."""
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ import pytest
 from cryptography.fernet import Fernet
 from jobs import GREEDY, greedy_text
 
+import channel
 import client
 import local_endpoint
 import protocol
@@ -88,7 +90,7 @@ def wait_for(predicate, timeout_s: float = 10.0) -> None:
 
 def test_closing_a_stream_cancels_the_job_and_aborts_it_in_the_engine(live):
     # Long enough to outlast the stop signal's way to the worker (the runpod
-    # SDK polls its stop channel again a second after an empty answer).
+    # SDK polls its stop client_channel again a second after an empty answer).
     sampling = {**GREEDY, "max_tokens": 2000}
     with live.client() as endpoint:
         stream = endpoint.stream("Stop me.", sampling_params=sampling)
@@ -121,11 +123,11 @@ async def test_an_abandoned_async_stream_cancels_the_job(live):
 
 def test_each_worker_error_code_reaches_the_caller_as_job_failed(live, key):
     request = protocol.validate_request(prompt="Sanity check.", sampling_params=GREEDY)
-    sealed = protocol.Channel(key).seal_request(request)
+    sealed = channel.Channel(key).seal_request(request)
     an_hour_ago = int(time.time()) - 3600
     stale = Fernet(key.encode()).encrypt_at_time(b'{"prompt": "a"}', an_hour_ago).decode()
-    foreign = protocol.Channel(protocol.generate_key()).seal_request(request)
-    too_long = protocol.Channel(key).seal_request(
+    foreign = channel.Channel(channel.generate_key()).seal_request(request)
+    too_long = channel.Channel(key).seal_request(
         protocol.validate_request(prompt="word " * 3000, sampling_params={"max_tokens": 8})
     )
 
@@ -141,12 +143,20 @@ def test_each_worker_error_code_reaches_the_caller_as_job_failed(live, key):
         assert (failure.status, failure.code) == ("FAILED", code)
 
 
-def test_an_answer_under_a_key_the_client_lacks_is_decryption_failed(live, retired_key):
-    # Mid-rotation: the worker still accepts the retired key but answers
-    # under the current one, which this client was not given.
-    with live.client(encryption_key=retired_key) as endpoint:
-        with pytest.raises(client.DecryptionFailed):
-            endpoint.run_sync("Sanity check.", sampling_params=GREEDY)
+def test_two_tenants_on_one_worker_each_read_only_their_own_answers(live, tenant_key):
+    with live.client() as alice, live.client(encryption_key=tenant_key) as bob:
+        for own, other in ((alice, bob), (bob, alice)):
+            answer = own.run_sync("Mine.", sampling_params=GREEDY)
+            assert answer.usage.completion_tokens == 24
+            # Every stored item opens under its own tenant's key, none under the other's.
+            stored = live.stored_output(answer.job_id)
+            assert "".join(own.channel.open_item(item).text for item in stored) == answer.text
+            for item in stored:
+                with pytest.raises(protocol.ProtocolError):
+                    other.channel.open_item(item)
+    log = live.worker_log()
+    for key in (live.key, tenant_key):
+        assert f'"key": "{channel.Key(key).id}"' in log
 
 
 def test_a_wrong_api_key_is_an_authentication_error(live):
@@ -201,3 +211,112 @@ async def test_100_concurrent_streaming_clients_each_get_their_own_text(live, en
 
     for prompt, text in zip(prompts, texts, strict=True):
         assert text == await expected_text(engine, hf_tokenizer, prompt, 24)
+
+
+# --- Wire protocol v1.1 through the real worker process --------------------------
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+async def test_a_tool_call_round_trip_runs_encrypted_through_the_worker(live, engine, hf_tokenizer):
+    """The model calls a tool (forced), the caller answers with the tool's
+    result, and the model's final answer is the engine's greedy text."""
+    import jsonschema
+
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    with live.client() as endpoint:
+        called = endpoint.run_sync(
+            messages=ask,
+            tools=[WEATHER],
+            tool_choice="required",
+            sampling_params={"temperature": 0, "max_tokens": 100},
+        )
+        (call,) = called.tool_calls
+        assert call.name == "get_weather" and called.finish_reason == "tool_calls"
+        jsonschema.validate(json.loads(call.arguments), WEATHER["function"]["parameters"])
+
+        history = [
+            *ask,
+            {"role": "assistant", "content": None, "tool_calls": [call.to_openai()]},
+            {"role": "tool", "tool_call_id": call.id, "content": "18C and sunny"},
+        ]
+        sampling = {"temperature": 0, "max_tokens": 16, "ignore_eos": True}
+        with endpoint.items(
+            messages=history, tools=[WEATHER], tool_choice="none", sampling_params=sampling
+        ) as items:
+            streamed = [item for item in items]
+        answer = items.completion
+
+    rendered = [
+        *ask,
+        {
+            **history[1],
+            "tool_calls": [
+                {
+                    **call.to_openai(),
+                    "function": {"name": call.name, "arguments": json.loads(call.arguments)},
+                }
+            ],
+        },
+        history[2],
+    ]
+    prompt_ids = hf_tokenizer.apply_chat_template(
+        rendered, tools=[WEATHER], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    assert answer.text == await greedy_text(engine, prompt_ids, 16)
+    assert answer.tool_calls == [] and answer.usage.prompt_tokens == len(prompt_ids)
+    assert "".join(item.text for item in streamed) == answer.text
+
+
+def test_a_json_schema_job_runs_encrypted_through_the_worker(live):
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "integer"}, "sure": {"type": "boolean"}},
+        "required": ["answer", "sure"],
+        "additionalProperties": False,
+    }
+    with live.client() as endpoint:
+        completion = endpoint.run_sync(
+            messages=[{"role": "user", "content": "A number, as JSON."}],
+            structured_output={"json_schema": schema},
+            sampling_params={"temperature": 0, "max_tokens": 200},
+        )
+    jsonschema.validate(json.loads(completion.text), schema)
+    assert completion.finish_reason == "stop"
+
+
+def test_describe_tells_what_the_endpoint_serves(live):
+    with live.client() as endpoint:
+        card = endpoint.describe()
+    assert card.protocol == "1.1" and card.model == "Org/Tiny-Model"
+    assert (card.max_model_len, card.tool_call_parser, card.chat_template) == (2048, "hermes", True)
+
+
+def test_an_empty_prompt_is_refused_here_with_a_detailed_message(live):
+    with live.client() as endpoint:
+        with pytest.raises(pydantic.ValidationError, match="the prompt is empty"):
+            endpoint.run_sync("")
+
+
+def test_an_unreachable_endpoint_is_named_in_the_error():
+    with client.Client(
+        base_url="http://127.0.0.1:9/v2/nowhere",
+        api_key="k",
+        encryption_key=channel.generate_key(),
+        max_retries=0,
+    ) as nowhere:
+        with pytest.raises(client.ServerError, match=r"cannot reach 127\.0\.0\.1:9"):
+            nowhere.run_sync("hi")

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-import protocol
+import channel
 from config import DEFAULT_MAX_CONCURRENCY, ConfigError, WorkerConfig
 from utils import ModelRef
 
 
 @pytest.fixture
 def env() -> dict[str, str]:
-    return {"MODELS": "org/model", "ENCRYPTION_KEY": protocol.generate_key()}
+    return {"MODELS": "org/model", "ENCRYPTION_KEY": channel.generate_key()}
 
 
 def test_defaults(env):
@@ -91,22 +91,24 @@ def test_a_missing_key_says_how_to_make_one(env):
 
 
 def test_engine_args_cannot_shadow_variables_or_name_unknown_arguments(env):
-    import rp_handler
+    import boot
 
     env["ENGINE_ARGS"] = '{"dtype": "half", "no_such_argument": 1, "enable_log_requests": true}'
     config = WorkerConfig.from_env(env)
     with pytest.raises(ConfigError) as caught:
-        rp_handler.engine_arguments(config, "/models/x", "org/model")
+        boot.engine_arguments(config, "/models/x", "org/model")
     message = str(caught.value)
     assert "'dtype'" in message and "'no_such_argument'" in message
     assert "'enable_log_requests'" in message
 
 
 def test_engine_arguments_carry_every_setting(env):
-    import rp_handler
+    from vllm.config import StructuredOutputsConfig
+
+    import boot
 
     env.update(MAX_MODEL_LEN="2048", TENSOR_PARALLEL_SIZE="1", ENGINE_ARGS='{"max_num_seqs": 8}')
-    arguments = rp_handler.engine_arguments(WorkerConfig.from_env(env), "/models/x", "org/model")
+    arguments = boot.engine_arguments(WorkerConfig.from_env(env), "/models/x", "org/model")
     assert arguments == {
         "model": "/models/x",
         "served_model_name": "org/model",
@@ -114,6 +116,7 @@ def test_engine_arguments_carry_every_setting(env):
         "max_model_len": 2048,
         "dtype": "auto",
         "tensor_parallel_size": 1,
+        "structured_outputs_config": StructuredOutputsConfig(**boot.DEFAULT_STRUCTURED_OUTPUTS),
         "enable_log_requests": False,
         "max_num_seqs": 8,
     }

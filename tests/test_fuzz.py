@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from jobs import GREEDY, greedy_text, open_all, run_job
 
+import channel
 import protocol
 from protocol import ErrorCode, ProtocolError
 
@@ -57,14 +58,14 @@ def is_valid_request(plaintext: bytes) -> bool:
 
 @pytest.fixture(scope="module")
 def fresh_token(key):
-    fernet = protocol.load_keys(key)
+    fernet = channel.load_keys(key)
     plaintext = b'{"prompt": "Sanity check.", "sampling_params": {"max_tokens": 4}}'
     return lambda: fernet.encrypt(plaintext).decode()
 
 
 @pytest.fixture(scope="module")
 def seal_plaintext(key):
-    fernet = protocol.load_keys(key)
+    fernet = channel.load_keys(key)
     return lambda plaintext: {"ciphertext": fernet.encrypt(plaintext).decode()}
 
 
@@ -81,11 +82,11 @@ def refused(worker, fuzz_tally, request):
 
 
 @pytest.fixture
-async def then_a_valid_job_is_exact(worker, channel, engine, hf_tokenizer):
+async def then_a_valid_job_is_exact(worker, client_channel, engine, hf_tokenizer):
     yield
     prompt = "After the fuzzing."
     request = protocol.validate_request(prompt=prompt, sampling_params=GREEDY)
-    items = open_all(channel, await run_job(worker, channel.seal_request(request)))
+    items = open_all(client_channel, await run_job(worker, client_channel.seal_request(request)))
     expected = await greedy_text(engine, hf_tokenizer(prompt).input_ids, GREEDY["max_tokens"])
     assert "".join(item.text for item in items) == expected
 

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from jobs import GREEDY
 
+import channel
 import local_endpoint
 import protocol
 
@@ -20,14 +21,14 @@ def test_the_runpod_sdk_client_streams_and_reads_a_job(live, key):
 
     runpod.endpoint_url_base = f"{live.serving.base_url}/v2"
     endpoint = runpod.Endpoint(live.endpoint.endpoint_id, api_key=live.endpoint.api_key)
-    channel = protocol.Channel(key)
+    sealer = channel.Channel(key)
     request = protocol.validate_request(prompt="Sanity check.", sampling_params=GREEDY)
 
-    job = endpoint.run({"input": channel.seal_request(request)})
-    streamed = [channel.open_item(output) for output in job.stream()]
+    job = endpoint.run({"input": sealer.seal_request(request)})
+    streamed = [sealer.open_item(output) for output in job.stream()]
 
     assert job.status() == "COMPLETED"
-    stored = [channel.open_item(output) for output in job.output()]
+    stored = [sealer.open_item(output) for output in job.output()]
     assert stored == streamed
     assert streamed[-1].usage.completion_tokens == 24
     assert endpoint.health()["jobs"]["completed"] >= 1

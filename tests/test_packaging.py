@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pytest
 
+import channel
 import client
 import protocol
 import test_local
@@ -347,7 +348,7 @@ def test_hub_env_offers_every_worker_variable_as_documented():
 
 
 def test_hub_defaults_configure_the_worker_the_image_configures_by_itself():
-    key = protocol.generate_key()
+    key = channel.generate_key()
     required = {"MODELS": "org/model", "ENCRYPTION_KEY": key}
     console = {
         name: console_value(spec, spec["default"])
@@ -360,7 +361,7 @@ def test_hub_defaults_configure_the_worker_the_image_configures_by_itself():
 
 
 def test_hub_options_and_presets_are_accepted_by_the_worker():
-    required = {"MODELS": "org/model", "ENCRYPTION_KEY": protocol.generate_key()}
+    required = {"MODELS": "org/model", "ENCRYPTION_KEY": channel.generate_key()}
     level_field = WorkerConfig.model_fields["runpod_log_level"]
     levels = [option["value"] for option in hub_inputs()["RUNPOD_LOG_LEVEL"]["options"]]
     assert set(levels) == set(typing.get_args(level_field.annotation))
@@ -382,7 +383,7 @@ def test_hub_options_and_presets_are_accepted_by_the_worker():
 
 def test_hub_bounds_are_the_workers():
     # Each bound the console enforces is accepted, and one step beyond it is not.
-    required = {"MODELS": "org/model", "ENCRYPTION_KEY": protocol.generate_key()}
+    required = {"MODELS": "org/model", "ENCRYPTION_KEY": channel.generate_key()}
     numbers = {name: spec for name, spec in hub_inputs().items() if spec["type"] == "number"}
     assert numbers and all("min" in spec or "max" in spec for spec in numbers.values())
     for name, spec in numbers.items():
@@ -560,13 +561,13 @@ def test_readme_names_the_base_image_and_the_image_smoke_test():
 
 def renew_hub_test_job() -> None:
     """A new test key, and the verification request encrypted under it now."""
-    key = protocol.generate_key()
+    key = channel.generate_key()
     request = protocol.Request.model_validate(VERIFICATION_REQUEST)
     for entry in HUB_TESTS["config"]["env"]:
         if entry["key"] == "ENCRYPTION_KEY":
             entry["value"] = key
     for test in HUB_TESTS["tests"]:  # each its own token: a worker takes one only once
-        test["input"] = protocol.Channel(key).seal_request(request)
+        test["input"] = channel.Channel(key).seal_request(request)
     (ROOT / ".runpod" / "tests.json").write_text(json.dumps(HUB_TESTS, indent=2) + "\n")
     print(f"renewed {len(HUB_TESTS['tests'])} job(s) in .runpod/tests.json")
 

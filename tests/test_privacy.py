@@ -10,11 +10,14 @@ import json
 from cryptography.fernet import Fernet
 from jobs import GREEDY
 
+from client import JobFailed
+
 CANARY = "CANARY-4f1c9e"
 FERNET_TOKEN_PREFIX = "gAAAAA"  # version byte and a present-day timestamp
 
 
-def test_no_canary_key_or_ciphertext_in_any_log_or_error(live, key, retired_key):
+def test_no_canary_key_or_ciphertext_in_any_log_or_error(live, key, tenant_key):
+    failures_seen: list[JobFailed] = []
     with live.client() as endpoint:
         endpoint.run_sync(f"{CANARY} in a prompt", sampling_params=GREEDY)
         endpoint.run_sync(
@@ -29,6 +32,62 @@ def test_no_canary_key_or_ciphertext_in_any_log_or_error(live, key, retired_key)
         )
         next(stream)
         stream.close()
+        # Wire protocol v1.1: the canary in tools, schemas, template kwargs,
+        # tool calls and results, through every path (forced, auto, none).
+        tool = {
+            "type": "function",
+            "function": {
+                "name": "canary_tool",
+                "description": CANARY,
+                "parameters": {
+                    "type": "object",
+                    "properties": {
+                        "q": {"type": "string", "enum": [CANARY], "description": CANARY}
+                    },
+                    "required": ["q"],
+                },
+            },
+        }
+        history = [
+            {"role": "user", "content": [{"type": "text", "text": CANARY}]},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": f"call-{CANARY}",
+                        "type": "function",
+                        "function": {"name": "canary_tool", "arguments": json.dumps({"q": CANARY})},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": f"call-{CANARY}", "content": CANARY},
+        ]
+        for tool_choice in ("required", "auto", "none"):
+            endpoint.run_sync(
+                messages=history,
+                tools=[tool],
+                tool_choice=tool_choice,
+                chat_template_kwargs={"canary": CANARY},
+                sampling_params={**GREEDY, "max_tokens": 40},
+            )
+        endpoint.run_sync(
+            messages=history[:1],
+            structured_output={"json_schema": {"type": "object", "title": CANARY}},
+            sampling_params={**GREEDY, "max_tokens": 20},
+        )
+        for constraint in (
+            {"regex": f"({CANARY}"},
+            {"json_schema": {"type": CANARY}},
+            {"grammar": f"root ::= {CANARY}"},
+            {"choice": [CANARY]},
+        ):
+            try:
+                endpoint.run_sync(
+                    f"{CANARY} constrained", structured_output=constraint, sampling_params=GREEDY
+                )
+            except JobFailed as failure:
+                failures_seen.append(failure)
 
     fernet = Fernet(key.encode())
     refused = [
@@ -36,6 +95,10 @@ def test_no_canary_key_or_ciphertext_in_any_log_or_error(live, key, retired_key)
         {"prompt": "x", "sampling_params": {CANARY: 1}},
         {"prompt": "x", "sampling_params": {"max_tokens": CANARY}},
         {"messages": [{"role": CANARY, "content": CANARY}]},
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "text": CANARY}]}]},
+        {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": CANARY}]},
+        {"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"tools": CANARY}},
+        {"prompt": "x", "structured_output": {"regex": CANARY, "choice": [CANARY]}},
         {"prompt": f"{CANARY} " * 3000},
         [CANARY],
     ]
@@ -46,11 +109,13 @@ def test_no_canary_key_or_ciphertext_in_any_log_or_error(live, key, retired_key)
         {"ciphertext": Fernet(Fernet.generate_key()).encrypt(CANARY.encode()).decode()},
     ]
     failures = [live.failure_of(live.submit_raw(job_input)) for job_input in job_inputs]
+    failures += failures_seen
+    assert len(failures_seen) == 3  # the regex, schema and grammar that do not compile
 
     assert all(failure.code is not None for failure in failures)
     assert not [str(failure) for failure in failures if CANARY in str(failure)]
     log = live.worker_log()
     assert all(failure.job_id in log for failure in failures)  # the right log
     assert CANARY not in log
-    assert key not in log and retired_key not in log
+    assert key not in log and tenant_key not in log
     assert FERNET_TOKEN_PREFIX not in log

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-import protocol
+import channel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENGINE_STARTING = "Initializing a V1 LLM engine"
@@ -46,7 +46,7 @@ def test_a_malformed_key_is_explained_and_never_printed(tiny_model_dir):
 
 
 def test_the_sdk_local_modes_are_refused(tiny_model_dir):
-    env = {"MODELS": str(tiny_model_dir), "ENCRYPTION_KEY": protocol.generate_key()}
+    env = {"MODELS": str(tiny_model_dir), "ENCRYPTION_KEY": channel.generate_key()}
     result = start_worker({**env, "RUNPOD_WEBHOOK_GET_JOB": ""})
     assert result.returncode == 2
     assert "test_local.py" in result.stdout + result.stderr
@@ -56,7 +56,7 @@ def test_the_sdk_local_modes_are_refused(tiny_model_dir):
 def test_an_engine_that_cannot_start_exits_non_zero_with_the_reason(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["NoSuchModel"]}')
     (tmp_path / "model.safetensors").write_bytes(b"not really weights")
-    env = {"MODELS": str(tmp_path), "ENCRYPTION_KEY": protocol.generate_key()}
+    env = {"MODELS": str(tmp_path), "ENCRYPTION_KEY": channel.generate_key()}
     result = start_worker(env)
     assert result.returncode == 1
     assert "the engine could not start" in result.stdout + result.stderr
@@ -65,7 +65,7 @@ def test_an_engine_that_cannot_start_exits_non_zero_with_the_reason(tmp_path):
 def test_when_every_model_fails_the_worker_exits_with_every_reason(tmp_path):
     env = {
         "MODELS": "Org/First,Org/Second@v2",
-        "ENCRYPTION_KEY": protocol.generate_key(),
+        "ENCRYPTION_KEY": channel.generate_key(),
         "HF_HUB_OFFLINE": "1",
         "CACHED_MODELS_DIR": str(tmp_path),
         "BAKED_MODELS_DIR": str(tmp_path),

@@ -1,0 +1,37 @@
+"""Runs the project's scripts with the Python that has their dependencies.
+
+`bash setup.sh` installs everything into `.venv`; a newcomer then types
+`python3 client.py ...` as every printed command says. A script whose
+imports fail calls `relaunch_in_venv`: run as a script outside `.venv`, it
+starts itself again with `.venv`'s Python, same arguments; otherwise it
+says which package is missing and to run `bash setup.sh` first, instead of
+a traceback. In the image the dependencies are installed system-wide, so
+nothing is relaunched.
+
+This module imports only the standard library.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+ROOT = Path(__file__).resolve().parent
+VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
+
+
+def _in_venv() -> bool:
+    return Path(sys.prefix).resolve() == VENV_PYTHON.parent.parent.resolve()
+
+
+def relaunch_in_venv(missing: ModuleNotFoundError, module_name: str) -> NoReturn:
+    """Called by a script's failed import; `module_name` is its `__name__`."""
+    if module_name == "__main__" and VENV_PYTHON.is_file() and not _in_venv():
+        os.execv(VENV_PYTHON, [str(VENV_PYTHON), *sys.argv])
+    hint = f"the Python package {missing.name!r} is not installed here: run `bash setup.sh` first"
+    if module_name != "__main__":
+        raise ModuleNotFoundError(f"{hint} (then use .venv/bin/python)", name=missing.name)
+    print(f"error: {hint}", file=sys.stderr)
+    sys.exit(2)
