@@ -48,12 +48,13 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import deps
+
 try:
+    deps.require("cryptography")
     import httpx
     import pydantic
 except ModuleNotFoundError as missing:  # run with a Python that lacks the packages
-    import deps
-
     deps.relaunch_in_venv(missing, __name__)
 
 import channel

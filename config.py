@@ -100,7 +100,14 @@ class WorkerConfig(BaseModel):
     @field_validator("models", mode="before")
     @classmethod
     def _split_models(cls, value: Any) -> Any:
-        return parse_models(value) if isinstance(value, str) else value
+        if not isinstance(value, str):
+            return value
+        models = parse_models(value)
+        problems = [problem for ref in models if (problem := ref.problem())]
+        if problems:
+            # MODELS names models, not secrets: the entries are worth showing.
+            raise ValueError("; ".join(problems))
+        return models
 
     @field_validator("encryption_key")
     @classmethod

@@ -1,18 +1,19 @@
 """Runs the project's scripts with the Python that has their dependencies.
 
 `bash setup.sh` installs everything into `.venv`; a newcomer then types
-`python3 client.py ...` as every printed command says. A script whose
-imports fail calls `relaunch_in_venv`: run as a script outside `.venv`, it
-starts itself again with `.venv`'s Python, same arguments; otherwise it
-says which package is missing and to run `bash setup.sh` first, instead of
-a traceback. In the image the dependencies are installed system-wide, so
-nothing is relaunched.
+`python3 client.py ...` as every printed command says. A script first
+checks (`require`, which imports nothing) that its packages are there; if
+one is not, `relaunch_in_venv` starts the script again with `.venv`'s
+Python, same arguments, or, without a `.venv`, says which package is
+missing and to run `bash setup.sh` first, instead of a traceback. In the
+image the packages are installed system-wide, so nothing is relaunched.
 
 This module imports only the standard library.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -24,6 +25,13 @@ VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
 
 def _in_venv() -> bool:
     return Path(sys.prefix).resolve() == VENV_PYTHON.parent.parent.resolve()
+
+
+def require(*packages: str) -> None:
+    """ModuleNotFoundError for the first of these packages that is missing."""
+    for package in packages:
+        if importlib.util.find_spec(package) is None:
+            raise ModuleNotFoundError(f"No module named {package!r}", name=package)
 
 
 def relaunch_in_venv(missing: ModuleNotFoundError, module_name: str) -> NoReturn:

@@ -17,8 +17,9 @@ Rules:
   those read.
 - SIGTERM or SIGINT (or `stop()`) stops taking jobs at once, lets the jobs
   in hand run for `grace_s`, then asks them to end (`on_grace_expired`),
-  and cancels whatever is left `cancel_after_s` later. A second signal ends
-  the grace at once.
+  and cancels whatever is left `cancel_after_s` later, posting its failure.
+  A second signal ends the grace at once. No job that RunPod handed to this
+  worker is left without a final state.
 - `serverless.start` takes no scaler of ours, so `run_worker` does what the
   SDK's own `run_worker` does (fitness checks, heartbeat, the loop); it
   leaves out the SDK's local test modes, which `rp_handler.py` refuses.
@@ -35,9 +36,14 @@ from typing import Any
 
 from runpod.http_client import AsyncClientSession, ClientSession, TooManyRequests
 from runpod.serverless.modules import rp_scale
+from runpod.serverless.modules.rp_http import send_result
 from runpod.serverless.modules.rp_job import _job_stop_url, get_stop_signals
 
 SDK_VERSION = "1.10.0"
+# How long a stopping worker waits for a job-take answer that may be on its
+# way before it abandons the poll: far longer than a loopback or datacenter
+# round trip, far shorter than a stop's budget.
+TAKE_SETTLE_S = 0.2
 log = rp_scale.log  # the SDK's own logger, at RUNPOD_LOG_LEVEL
 
 
@@ -52,16 +58,23 @@ class EventJobScaler(rp_scale.JobScaler):
         grace_s: float,
         cancel_after_s: float = 1.0,
         on_grace_expired: Callable[[], None] = lambda: None,
+        cut_off_error: str = "the worker stopped",
     ):
         super().__init__(config)
         self.grace_s, self.cancel_after_s = grace_s, cancel_after_s
         self.on_grace_expired = on_grace_expired
+        # The error of a job still running when even the grace's end did
+        # not end it: posted for it, so that RunPod never holds it
+        # IN_PROGRESS until its execution timeout.
+        self.cut_off_error = cut_off_error
+        self._cut_off: set[asyncio.Task] = set()
         # Each waiter clears its event, looks at the state, then waits, with
         # no await between the look and the wait: on one event loop no
         # wake-up is lost.
         self._take_wakeup = asyncio.Event()
         self._run_wakeup = asyncio.Event()
         self._hurry = asyncio.Event()  # a second signal: end the grace now
+        self._taking = True  # get_jobs may still bring jobs
         self._drained = False
         self.stop_reason: str | None = None
 
@@ -91,6 +104,13 @@ class EventJobScaler(rp_scale.JobScaler):
     # --- the loops -----------------------------------------------------------
 
     async def get_jobs(self, session: ClientSession):
+        try:
+            await self._take_jobs(session)
+        finally:
+            self._taking = False
+            self._run_wakeup.set()
+
+    async def _take_jobs(self, session: ClientSession):
         while self.is_alive():
             await self.set_scale()
             wanted = self.current_concurrency - self.current_occupancy()
@@ -131,14 +151,18 @@ class EventJobScaler(rp_scale.JobScaler):
                 task = asyncio.create_task(self.handle_job(session, job))
                 tasks.add(task)
                 self.jobs_tasks[job["id"]] = task
-            if not self.is_alive() and self.jobs_queue.empty():
+            if not (self.is_alive() or self._taking or not self.jobs_queue.empty()):
                 break
-            await self._run_wakeup.wait()  # a job queued or ended, or stop()
+            await self._run_wakeup.wait()  # a job queued or ended, a stop, the last take
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def handle_job(self, session: ClientSession, job: dict):
         try:
             await super().handle_job(session, job)
+        except asyncio.CancelledError:
+            if asyncio.current_task() in self._cut_off:
+                await send_result(session, {"error": self.cut_off_error}, job)
+            raise
         finally:
             self._wake()  # a slot is free
 
@@ -193,8 +217,10 @@ class EventJobScaler(rp_scale.JobScaler):
                 stopping = asyncio.create_task(self._shutdown_event.wait())
                 await asyncio.wait({stopping, take, work}, return_when=asyncio.FIRST_COMPLETED)
                 self.kill_worker()  # also where a loop ended by itself
-                # No new job: abandon the job-take long-poll now rather than
-                # wait out its hold.
+                # No new job: abandon the job-take long-poll rather than wait
+                # out its hold; but an answer already on its way carries jobs
+                # RunPod now counts as this worker's, which must run.
+                await asyncio.wait({take}, timeout=TAKE_SETTLE_S)
                 take.cancel()
                 await self._drain(work)
                 self._drained = True
@@ -215,6 +241,7 @@ class EventJobScaler(rp_scale.JobScaler):
                 self.on_grace_expired()
                 await asyncio.wait({work}, timeout=self.cancel_after_s)
                 for task in list(self.jobs_tasks.values()):
+                    self._cut_off.add(task)
                     task.cancel()
             await asyncio.gather(work, return_exceptions=True)
         finally:

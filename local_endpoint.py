@@ -2,8 +2,9 @@
 
     python3 local_endpoint.py [--port 8000] [--endpoint-id local] [--api-key KEY]
 
-It prints the variables under which `python3 rp_handler.py` becomes its
-worker, unmodified, exactly as on RunPod; clients (client.py, the runpod SDK)
+It prints the command that starts `python3 rp_handler.py` as its worker,
+unmodified, exactly as on RunPod (the variables RunPod would set, and the
+tiny offline model when MODELS is unset); clients (client.py, the runpod SDK)
 call it at http://127.0.0.1:PORT/v2/ENDPOINT_ID.
 
 Rules:
@@ -31,6 +32,7 @@ import collections
 import json
 import os
 import secrets
+import shlex
 import signal
 import subprocess
 import sys
@@ -43,7 +45,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
+import deps
+
+try:
+    from aiohttp import web
+except ModuleNotFoundError as missing:  # run with a Python that lacks the packages
+    deps.relaunch_in_venv(missing, __name__)
 
 FINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
 MAX_PAYLOAD_BYTES = 10 * 1024 * 1024  # RunPod's limit for /run
@@ -516,11 +523,28 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     endpoint = LocalEndpoint(args.endpoint_id, args.api_key)
     base_url = f"http://127.0.0.1:{args.port}"
+    from test_local import apply_offline_defaults
+
+    if not os.environ.get("ENCRYPTION_KEY", "").strip():
+        print("first, in every terminal: export ENCRYPTION_KEY=$(python3 client.py --generate-key)")
+    environ = dict(os.environ)
+    apply_offline_defaults(environ)  # MODELS unset: the tiny offline model
+    variables = endpoint.worker_env(base_url)
+    variables.update(
+        (name, environ[name])
+        for name in ("MODELS", "VLLM_CPU_KVCACHE_SPACE", "MAX_MODEL_LEN")
+        if name in environ
+    )
     print(f"endpoint: {base_url}/v2/{endpoint.endpoint_id}  (RUNPOD_API_KEY={endpoint.api_key})")
-    print("start its worker with these variables set (plus MODELS and ENCRYPTION_KEY):")
-    for name, value in endpoint.worker_env(base_url).items():
-        print(f"  export {name}='{value}'")
-    print("  python3 rp_handler.py", flush=True)
+    print("start its worker in another terminal:")
+    lines = [f"{name}={shlex.quote(value)}" for name, value in variables.items()]
+    print("  " + " \\\n  ".join([*lines, "python3 rp_handler.py"]))
+    print("then call it:")
+    print(
+        f"  RUNPOD_API_KEY={endpoint.api_key} python3 client.py "
+        f"--base-url {base_url}/v2/{endpoint.endpoint_id} --prompt Hello",
+        flush=True,
+    )
     web.run_app(endpoint.app, host="127.0.0.1", port=args.port, access_log=None, print=None)
 
 

@@ -23,11 +23,12 @@ import logging
 import os
 import sys
 
+import deps
+
 try:
+    deps.require("pydantic", "cryptography", "huggingface_hub", "runpod", "vllm")
     from config import ConfigError, WorkerConfig
 except ModuleNotFoundError as missing:  # run with a Python that lacks the packages
-    import deps
-
     deps.relaunch_in_venv(missing, __name__)
 
 log = logging.getLogger("worker")
@@ -63,7 +64,8 @@ def main(argv: list[str]) -> int:
     import boot
     import shaping
     from generation import Planner
-    from worker import Worker
+    from protocol import ErrorCode, ProtocolError
+    from worker import STOPPED_REASON, Worker
 
     try:
         engine = boot.start_engine(config)
@@ -129,7 +131,10 @@ def main(argv: list[str]) -> int:
         "return_aggregate_stream": True,
     }
     scaler = job_loop.EventJobScaler(
-        sdk_config, grace_s=config.stop_grace_s, on_grace_expired=worker.stop_jobs
+        sdk_config,
+        grace_s=config.stop_grace_s,
+        on_grace_expired=worker.stop_jobs,
+        cut_off_error=str(ProtocolError(ErrorCode.WORKER_STOPPED, STOPPED_REASON)),
     )
     job_loop.run_worker(sdk_config, scaler)
     # The engine is done with: its processes never exit by themselves on

@@ -91,6 +91,23 @@ class ModelRef:
     def __str__(self) -> str:
         return f"{self.name}@{self.revision}" if self.revision else self.name
 
+    def problem(self) -> str | None:
+        """Why this entry cannot name a model, or None: said before any
+        download is tried, so that a typo is not reported as the network."""
+        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.utils import validate_repo_id
+
+        if os.path.isdir(self.name):
+            return None
+        # A repo id has at most one "/" and never starts like a path.
+        if self.name.startswith(("/", ".", "~")) or self.name.count("/") > 1:
+            return f"{self}: no such directory"
+        try:
+            validate_repo_id(self.name)
+        except HFValidationError:
+            return f"{self}: neither a directory nor a Hugging Face repo id (org/name)"
+        return None
+
 
 def parse_models(value: str) -> tuple[ModelRef, ...]:
     """MODELS: comma-separated entries, each `org/name[@revision]` or a directory."""

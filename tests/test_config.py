@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import channel
@@ -120,3 +122,26 @@ def test_engine_arguments_carry_every_setting(env):
         "enable_log_requests": False,
         "max_num_seqs": 8,
     }
+
+
+@pytest.mark.parametrize(
+    "models, message",
+    [
+        ("./no-such-dir", "MODELS: ./no-such-dir: no such directory"),
+        ("/models/missing,Org/Fine", "MODELS: /models/missing: no such directory"),
+        ("org/name with spaces", "neither a directory nor a Hugging Face repo id (org/name)"),
+    ],
+)
+def test_a_models_entry_that_can_name_no_model_says_why_before_any_download(env, models, message):
+    env["MODELS"] = models
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        WorkerConfig.from_env(env)
+
+
+def test_a_directory_and_a_repo_id_are_both_models(env, tmp_path):
+    env["MODELS"] = f"{tmp_path},Org/Model@v2"
+    models = WorkerConfig.from_env(env).models
+    assert [(ref.name, ref.revision) for ref in models] == [
+        (str(tmp_path), None),
+        ("Org/Model", "v2"),
+    ]

@@ -1,0 +1,113 @@
+"""The worker's life under the SDK loop, on the real worker process: a
+SIGTERM is a normal stop (jobs in hand finish within the grace, later jobs
+stay queued, exit 0), and a job the grace cuts off fails WORKER_STOPPED."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import psutil
+import pytest
+import runpod
+from jobs import greedy_text
+
+import client
+import job_loop
+import local_endpoint
+from protocol import ErrorCode
+
+
+def test_the_job_loop_is_written_for_this_sdk_version():
+    # It overrides JobScaler's loops and reads their attributes: a new SDK
+    # version must be read before it is allowed in.
+    assert runpod.version.__version__ == job_loop.SDK_VERSION
+
+
+@pytest.fixture
+def stoppable(worker_env, tmp_path):
+    """A worker of its own, for the test to stop."""
+
+    def start(**env):
+        serving = local_endpoint.Serving(local_endpoint.LocalEndpoint())
+        worker = local_endpoint.WorkerProcess(
+            serving, {**os.environ, **worker_env, **env}, tmp_path / "worker.log"
+        )
+        started.append((serving, worker))
+        worker.wait_ready(timeout_s=600)
+        return serving, worker
+
+    started = []
+    yield start
+    for serving, worker in started:
+        worker.stop()
+        serving.close()
+
+
+def engine_processes(worker: local_endpoint.WorkerProcess) -> list[psutil.Process]:
+    return psutil.Process(worker.process.pid).children(recursive=True)
+
+
+def job_done_lines(log: str) -> dict[str, dict]:
+    lines = [
+        json.loads(line.split("job done ", 1)[1])
+        for line in log.splitlines()
+        if "job done {" in line
+    ]
+    return {line["job"]: line for line in lines}
+
+
+def test_an_idle_worker_stops_at_once_and_cleanly(stoppable):
+    _, worker = stoppable()
+    children = engine_processes(worker)
+    assert children, "the engine runs in processes of its own"
+
+    worker.process.send_signal(15)  # SIGTERM, as docker stop sends it
+
+    assert worker.process.wait(timeout=30) == 0
+    assert not [child for child in children if child.is_running() and child.status() != "zombie"]
+    log = worker.log_path.read_text()
+    assert 'worker stopped {"reason": "SIGTERM"}' in log
+    assert "the engine died" not in log
+
+
+async def test_a_busy_worker_finishes_its_jobs_within_the_grace_then_exits_0(
+    stoppable, key, engine, hf_tokenizer
+):
+    serving, worker = stoppable(STOP_GRACE_S="1")
+    endpoint = client.Client(
+        base_url=serving.url,
+        api_key=serving.endpoint.api_key,
+        encryption_key=key,
+        poll_interval=0.02,
+    )
+    short_prompt, greedy = "A short job.", {"temperature": 0, "ignore_eos": True}
+    short = endpoint.submit(short_prompt, sampling_params={**greedy, "max_tokens": 32})
+    long = endpoint.submit("A long job.", sampling_params={**greedy, "max_tokens": 2000})
+    jobs = serving.endpoint.jobs
+    deadline = time.monotonic() + 60
+    while not all(jobs[job.id].chunks for job in (short, long)):  # both streaming
+        assert time.monotonic() < deadline, "the jobs never started"
+        time.sleep(0.01)
+
+    worker.process.send_signal(15)
+    time.sleep(0.5)  # the worker has stopped taking jobs: this one must wait for another
+    late = endpoint.submit("Too late.", sampling_params={**greedy, "max_tokens": 8})
+
+    assert short.result().text == await greedy_text(
+        engine, hf_tokenizer(short_prompt).input_ids, 32
+    )
+    with pytest.raises(client.JobFailed) as caught:
+        long.result()
+    assert (caught.value.status, caught.value.code) == ("FAILED", ErrorCode.WORKER_STOPPED)
+    assert worker.process.wait(timeout=30) == 0
+    assert late.status() == "IN_QUEUE"
+    endpoint.close()
+
+    log = worker.log_path.read_text()
+    lines = job_done_lines(log)
+    assert lines[short.id]["outcome"] == "completed"
+    assert (lines[long.id]["outcome"], lines[long.id]["error"]) == ("stopped", "WORKER_STOPPED")
+    assert late.id not in lines
+    assert 'worker stopped {"reason": "SIGTERM"}' in log
