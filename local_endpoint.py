@@ -72,6 +72,10 @@ class Job:
     chunks: list[Any] = field(default_factory=list)  # posted, not yet polled
     output: Any = None
     error: Any = None
+    # What RunPod itself observes of the job, for tests of what it learns:
+    # each stream post (when, and its body's size) and each /stream poll.
+    posts: list[tuple[float, int]] = field(default_factory=list)
+    polls: list[float] = field(default_factory=list)
 
     def envelope(self) -> dict[str, Any]:
         """The job as /status (and /runsync) show it."""
@@ -263,6 +267,7 @@ class LocalEndpoint:
         if wait_s > 0:
             await self._wait_until(lambda: bool(job.chunks) or job.status in FINAL, wait_s)
         chunks, job.chunks = job.chunks, []
+        job.polls.append(time.monotonic())
         return web.json_response({"id": job.id, "status": job.status, "stream": chunks})
 
     async def cancel(self, request: web.Request) -> web.Response:
@@ -343,23 +348,26 @@ class LocalEndpoint:
         stopping = sorted(self.stops.pop(worker_id))
         return web.json_response({"jobsToStop": stopping})
 
-    async def _posted(self, request: web.Request) -> tuple[Job | None, dict]:
-        # The SDK labels its JSON as form data; it is JSON all the same.
-        body = json.loads(await request.text())
+    async def _posted(self, request: web.Request) -> tuple[Job | None, dict, int]:
+        """The job posted to (None if it ended meanwhile: the post is
+        dropped), the body, and its size in bytes."""
+        raw = await request.read()
+        body = json.loads(raw)  # labelled as form data by the SDK; JSON all the same
         job = self.jobs.get(request.match_info["job_id"])
-        if job is None or job.status in FINAL:
-            return None, body  # cancelled or timed out meanwhile: dropped
-        return job, body
+        if job is not None and job.status in FINAL:
+            job = None  # cancelled or timed out meanwhile
+        return job, body, len(raw)
 
     async def job_stream(self, request: web.Request) -> web.Response:
-        job, body = await self._posted(request)
+        job, body, size = await self._posted(request)
         if job is not None:
+            job.posts.append((time.monotonic(), size))
             job.chunks.append(body)
             await self._notify()
         return web.json_response({"ok": True})
 
     async def job_done(self, request: web.Request) -> web.Response:
-        job, body = await self._posted(request)
+        job, body, _ = await self._posted(request)
         if job is not None:
             if body.get("status") == "IN_PROGRESS":  # a progress update
                 job.output = body.get("output")
