@@ -22,11 +22,15 @@ times each and until the level has run for --seconds; (c) runs a third of
 --rounds after them. Reported per variant: output tokens/s of the median
 round (a round's: all its tokens over its wall time), TTFT p50/p95 (submit
 to first text), inter-item latency p50/p95 (gaps between a stream's items),
-tokens per item, and the peak RSS of the serving process tree. Beside each
-row: (b)/(a), the median over rounds of (b)'s tokens/s over (a)'s in the
-same round, and the TTFT that (b) adds to (a), the median over rounds of
-the difference of their TTFT p50s, each with its 95% confidence interval;
-and (b)/(c), of the median rounds. Then each goal of README's, per level:
+tokens per item, the serving process tree's CPU seconds per 1000 tokens
+(user and system, while its streams run: the client's own work is off the
+clock, engine processes included) and its peak RSS. Beside each row, paired
+round by round, each a median over rounds with its 95% confidence interval:
+(b)/(a) tokens/s; the TTFT that (b) adds to (a), as a difference and as a
+ratio of their TTFT p50s; (b)/(a) CPU per token; and (b)/(c) of the median
+rounds. Then each goal of README's, per level (the TTFT goal is the added
+milliseconds below the engine's running-sequence limit, max_num_seqs, and
+the ratio at and above it, where TTFT is mostly queue):
 met (the whole interval on the goal's side), missed (the whole interval on
 the other side) or not resolved (this run cannot tell); (b)/(c), unpaired,
 is judged on the interval of (b)'s median round over (c)'s fastest and
@@ -86,7 +90,12 @@ CHECKED_STREAMS = 16
 MIN_STREAMS = 24  # a level's least streams a round, so that a round lasts
 # README's goals.
 GOAL_OVER_ENGINE = 0.95  # (b)/(a) tokens/s, at every level
-GOAL_TTFT_ADDED_MS = 2.0  # (b)'s TTFT p50 over (a)'s, at every level
+# (b)'s TTFT p50 over (a)'s: added ms below the engine's running-sequence
+# limit; a ratio at and above it, where TTFT is mostly time in its queue.
+GOAL_TTFT_ADDED_MS = 2.0
+GOAL_TTFT_RATIO_SATURATED = 1.05
+GOAL_CPU_RATIO = 1.05  # (b)/(a) CPU seconds per token, at GOAL_CPU_LEVEL streams
+GOAL_CPU_LEVEL = 64
 GOAL_OVER_SERVE = 2.0  # (b)/(c) tokens/s, at GOAL_OVER_SERVE_LEVEL streams
 GOAL_OVER_SERVE_LEVEL = 64
 _ids = itertools.count()
@@ -110,6 +119,8 @@ class Level:
     streams: list[Stream] = field(default_factory=list)
     round_rates: list[float] = field(default_factory=list)  # tokens/s of each round
     round_ttfts: list[float] = field(default_factory=list)  # TTFT p50 of each round
+    # The serving process tree's CPU seconds per 1000 tokens, each round.
+    round_cpu: list[float] = field(default_factory=list)
     peak_rss: int = 0
 
     def summary(self) -> dict:
@@ -127,8 +138,10 @@ class Level:
             "ttft_p95_ms": _ms(percentile(ttfts, 95)),
             "itl_p50_ms": _ms(percentile(gaps, 50)),
             "itl_p95_ms": _ms(percentile(gaps, 95)),
+            "cpu_s_per_1000_tokens": round(statistics.median(self.round_cpu), 3),
             "peak_rss_mb": round(self.peak_rss / 2**20),
             "round_tokens_per_s": [round(rate, 1) for rate in self.round_rates],
+            "round_cpu_s_per_1000_tokens": [round(cpu, 3) for cpu in self.round_cpu],
             "round_ttft_p50_ms": [_ms(ttft) for ttft in self.round_ttfts],
         }
 
@@ -175,6 +188,18 @@ class PeakRss:
         self._thread.join()
 
 
+def cpu_seconds(root: psutil.Process) -> float:
+    """User and system CPU time of a process and its children so far: on a
+    shared machine far steadier than wall time, as another process's load
+    slows a round without adding to its CPU."""
+    total = 0.0
+    for process in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
+
+
 class Runner:
     """One variant's streams. `prepare` and `finish` are the client's own
     work (a request's encryption, the items' decryption), which a deployed
@@ -190,8 +215,11 @@ class Runner:
         pass
 
 
-async def run_level(runner: Runner, prompts: list[str], concurrency: int, level: Level):
-    """Every prompt once, `concurrency` streams at a time; adds to `level`."""
+async def run_level(
+    runner: Runner, prompts: list[str], concurrency: int, level: Level, serving: psutil.Process
+):
+    """Every prompt once, `concurrency` streams at a time; adds to `level`.
+    `serving`: the root of the process tree whose CPU the round costs."""
     runner.prepare(prompts)
     queue = iter(enumerate(prompts))
 
@@ -201,14 +229,16 @@ async def run_level(runner: Runner, prompts: list[str], concurrency: int, level:
             done.append((index, await runner.run(index, prompt, index < CHECKED_STREAMS)))
         return done
 
-    started = time.monotonic()
+    started, cpu_before = time.monotonic(), cpu_seconds(serving)
     results = await asyncio.gather(*(client() for _ in range(concurrency)))
-    wall_s = time.monotonic() - started
+    wall_s, cpu_s = time.monotonic() - started, cpu_seconds(serving) - cpu_before
     streams = [stream for _, stream in sorted(itertools.chain(*results))]
     runner.finish(streams)
+    tokens = sum(stream.tokens for stream in streams)
     level.streams += streams
-    level.round_rates.append(sum(stream.tokens for stream in streams) / wall_s)
+    level.round_rates.append(tokens / wall_s)
     level.round_ttfts.append(percentile([stream.ttft_s for stream in streams], 50))
+    level.round_cpu.append(cpu_s / tokens * 1000)
 
 
 async def timed(items: AsyncIterator[tuple[int, str]], keep_text: bool) -> Stream:
@@ -259,17 +289,20 @@ class HandlerRunner(Runner):
     them; after the round the last of each (for its usage) and every item of
     the checked streams are opened."""
 
-    def __init__(self, worker, channel: channel.Channel, max_tokens: int):
+    def __init__(self, worker, channel: channel.Channel, max_tokens: int, **request):
         self.worker = worker
         self.channel = channel
         self.sampling = {"temperature": 0, "max_tokens": max_tokens, "ignore_eos": True}
+        self.request = request  # other request fields: a structured_output, say
         self._inputs: dict[int, dict] = {}
         self._sealed: dict[int, list[dict]] = {}
 
     def prepare(self, prompts: list[str]) -> None:
         self._inputs = {
             index: self.channel.seal_request(
-                protocol.validate_request(prompt=prompt, sampling_params=self.sampling)
+                protocol.validate_request(
+                    prompt=prompt, sampling_params=self.sampling, **self.request
+                )
             )
             for index, prompt in enumerate(prompts)
         }
@@ -402,8 +435,9 @@ async def measure_in_process(config: WorkerConfig, args, prompts) -> dict:
             "engine": EngineRunner(engine, args.tokens),
             "handler": HandlerRunner(worker, sealer, args.tokens),
         }
+        here = psutil.Process()
         for runner in runners.values():  # warm-up
-            await run_level(runner, prompts[:8], 8, Level())
+            await run_level(runner, prompts[:8], 8, Level(), here)
         results = {}
         for concurrency in args.concurrency:
             levels = {name: Level() for name in runners}
@@ -416,13 +450,13 @@ async def measure_in_process(config: WorkerConfig, args, prompts) -> dict:
                 for name in sorted(runners, reverse=round_ % 2 == 1):
                     runner = runners[name]
                     with PeakRss(os.getpid()) as rss:
-                        await run_level(runner, prompts[:count], concurrency, levels[name])
+                        await run_level(runner, prompts[:count], concurrency, levels[name], here)
                     levels[name].peak_rss = max(levels[name].peak_rss, rss.peak)
                 round_ += 1
             check_texts(levels["engine"], levels["handler"], "handler", concurrency)
             results[concurrency] = levels
             print(f"  concurrency {concurrency}: engine and handler done", file=sys.stderr)
-        return results
+        return results, engine.vllm_config.scheduler_config.max_num_seqs
     finally:
         engine.shutdown()
 
@@ -437,13 +471,14 @@ async def measure_serve(arguments: dict, args, prompts, log_path: Path) -> dict:
         )
         async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
             runner = ServeRunner(http, arguments["served_model_name"], args.tokens)
-            await run_level(runner, prompts[:8], 8, Level())  # warm-up
+            serving = psutil.Process(server.pid)
+            await run_level(runner, prompts[:8], 8, Level(), serving)  # warm-up
             for concurrency in args.concurrency:
                 level = Level()
                 count = max(concurrency * args.streams_per_client, MIN_STREAMS)
                 for _round in range(serve_rounds(args)):
                     with PeakRss(server.pid) as rss:
-                        await run_level(runner, prompts[:count], concurrency, level)
+                        await run_level(runner, prompts[:count], concurrency, level, serving)
                     level.peak_rss = max(level.peak_rss, rss.peak)
                 results[concurrency] = level
                 print(f"  concurrency {concurrency}: serve done", file=sys.stderr)
@@ -474,27 +509,42 @@ def verdict(low: float | None, high: float | None, meets: Callable[[float], bool
     return "not resolved"
 
 
-def compare(variants: dict[str, Level], concurrency: int) -> dict:
+def compare(variants: dict[str, Level], concurrency: int, max_num_seqs: int) -> dict:
     """(b) against (a), paired round by round, and against (c); each goal's status."""
     engine, handler = variants["engine"], variants["handler"]
-    paired = [b / a for a, b in zip(engine.round_rates, handler.round_rates, strict=True)]
-    added_ms = [
-        (b - a) * 1000 for a, b in zip(engine.round_ttfts, handler.round_ttfts, strict=True)
-    ]
-    ratio_ci, added_ci = median_ci(paired), median_ci(added_ms)
+
+    def paired(a: list[float], b: list[float], how) -> tuple[list[float], tuple]:
+        values = [how(x, y) for x, y in zip(a, b, strict=True)]
+        return values, median_ci(values)
+
+    rates, rate_ci = paired(engine.round_rates, handler.round_rates, lambda a, b: b / a)
+    added, added_ci = paired(engine.round_ttfts, handler.round_ttfts, lambda a, b: (b - a) * 1000)
+    ttft, ttft_ci = paired(engine.round_ttfts, handler.round_ttfts, lambda a, b: b / a)
+    cpu, cpu_ci = paired(engine.round_cpu, handler.round_cpu, lambda a, b: b / a)
     ratios = {
-        "pairs": len(paired),
-        "handler_over_engine": round(statistics.median(paired), 3),
-        "handler_over_engine_ci95": [_rounded(bound, 3) for bound in ratio_ci],
-        "ttft_p50_added_ms": round(statistics.median(added_ms), 2),
+        "pairs": len(rates),
+        "handler_over_engine": round(statistics.median(rates), 3),
+        "handler_over_engine_ci95": [_rounded(bound, 3) for bound in rate_ci],
+        "ttft_p50_added_ms": round(statistics.median(added), 2),
         "ttft_p50_added_ms_ci95": [_rounded(bound, 2) for bound in added_ci],
+        "ttft_p50_ratio": round(statistics.median(ttft), 3),
+        "ttft_p50_ratio_ci95": [_rounded(bound, 3) for bound in ttft_ci],
+        "cpu_per_token_ratio": round(statistics.median(cpu), 3),
+        "cpu_per_token_ratio_ci95": [_rounded(bound, 3) for bound in cpu_ci],
     }
-    goals = {
-        f"(b)/(a) >= {GOAL_OVER_ENGINE}": verdict(*ratio_ci, lambda r: r >= GOAL_OVER_ENGINE),
-        f"TTFT added <= {GOAL_TTFT_ADDED_MS} ms": verdict(
+    goals = {f"(b)/(a) >= {GOAL_OVER_ENGINE}": verdict(*rate_ci, lambda r: r >= GOAL_OVER_ENGINE)}
+    if concurrency < max_num_seqs:
+        goals[f"TTFT added <= {GOAL_TTFT_ADDED_MS} ms"] = verdict(
             *added_ci, lambda ms: ms <= GOAL_TTFT_ADDED_MS
-        ),
-    }
+        )
+    else:  # saturated: TTFT is mostly the engine's queue
+        goals[f"TTFT (b)/(a) <= {GOAL_TTFT_RATIO_SATURATED}"] = verdict(
+            *ttft_ci, lambda r: r <= GOAL_TTFT_RATIO_SATURATED
+        )
+    if concurrency == GOAL_CPU_LEVEL:
+        goals[f"CPU per token (b)/(a) <= {GOAL_CPU_RATIO}"] = verdict(
+            *cpu_ci, lambda r: r <= GOAL_CPU_RATIO
+        )
     if "serve" in variants:
         b_rates, c_rates = handler.round_rates, variants["serve"].round_rates
         ratios["handler_over_serve"] = round(
@@ -520,17 +570,17 @@ def _interval(bounds: list[float | None], form: str) -> str:
     return "[?]" if None in bounds else f"[{bounds[0]:{form}} to {bounds[1]:{form}}]"
 
 
-def report(rows: dict, args) -> dict:
+def report(rows: dict, args, max_num_seqs: int) -> dict:
     head = (
         f"{'C':>4} {'variant':8} {'tok/s':>9} {'TTFT p50':>9} {'p95':>8} "
-        f"{'ITL p50':>8} {'p95':>7} {'tok/item':>8} {'RSS MB':>7}   "
+        f"{'ITL p50':>8} {'p95':>7} {'tok/item':>8} {'CPU s/kt':>8} {'RSS MB':>7}   "
         "(b) against (a) and (c), medians and their 95% intervals"
     )
     print(f"\n{args.tokens} tokens a stream, greedy; times in ms\n\n{head}\n{'-' * len(head)}")
     table = {}
     for concurrency, variants in rows.items():
         summary = {name: level.summary() for name, level in variants.items()}
-        comparison = compare(variants, concurrency)
+        comparison = compare(variants, concurrency, max_num_seqs)
         ratios = comparison["ratios"]
         for name, s in summary.items():
             beside = ""
@@ -539,14 +589,19 @@ def report(rows: dict, args) -> dict:
                     f"   (b)/(a) {ratios['handler_over_engine']:.3f} "
                     f"{_interval(ratios['handler_over_engine_ci95'], '.2f')}"
                     f" of {ratios['pairs']}  TTFT {ratios['ttft_p50_added_ms']:+.2f} "
-                    f"{_interval(ratios['ttft_p50_added_ms_ci95'], '+.1f')} ms"
+                    f"{_interval(ratios['ttft_p50_added_ms_ci95'], '+.1f')} ms, "
+                    f"x{ratios['ttft_p50_ratio']:.3f} "
+                    f"{_interval(ratios['ttft_p50_ratio_ci95'], '.2f')}  "
+                    f"CPU/token x{ratios['cpu_per_token_ratio']:.3f} "
+                    f"{_interval(ratios['cpu_per_token_ratio_ci95'], '.2f')}"
                 )
                 if "handler_over_serve" in ratios:
                     beside += f"  (b)/(c) {ratios['handler_over_serve']:.2f}"
             print(
                 f"{concurrency:4d} {name:8} {s['tokens_per_s']:9.1f} {s['ttft_p50_ms']:9.2f} "
                 f"{s['ttft_p95_ms']:8.2f} {s['itl_p50_ms']:8.2f} {s['itl_p95_ms']:7.2f} "
-                f"{s['tokens_per_item']:8.2f} {s['peak_rss_mb']:7d}{beside}"
+                f"{s['tokens_per_item']:8.2f} {s['cpu_s_per_1000_tokens']:8.3f} "
+                f"{s['peak_rss_mb']:7d}{beside}"
             )
         table[str(concurrency)] = {**summary, **comparison}
     print("\nGoals (met: all of the interval meets it; missed: none of it does):")
@@ -588,7 +643,7 @@ def main() -> None:
     count = max(max(args.concurrency) * args.streams_per_client, MIN_STREAMS)
     prompts = [f"Stream {n}: the quick brown fox jumps over the lazy dog." for n in range(count)]
 
-    rows = asyncio.run(measure_in_process(config, args, prompts))
+    rows, max_num_seqs = asyncio.run(measure_in_process(config, args, prompts))
     if not args.skip_serve:
         served = asyncio.run(measure_serve(arguments, args, prompts, logs / "serve.log"))
         for concurrency, level in served.items():
@@ -598,7 +653,8 @@ def main() -> None:
     result = {
         "model": ref.name,
         "tokens_per_stream": args.tokens,
-        "levels": report(rows, args),
+        "max_num_seqs": max_num_seqs,
+        "levels": report(rows, args, max_num_seqs),
     }
     print(f"\nlogs: {logs}")
     if args.json:

@@ -11,8 +11,9 @@ Rules checked:
   https://docs.runpod.io/references/gpu-types), the console's defaults
   configure the very worker the image configures by itself, and the Hub's
   test job is a valid encrypted job for a long time to come.
-- AGENTS.md names exactly the variables the code and the image read or set;
-  it and README's table give each worker variable the code's default.
+- README names exactly the variables the code and the image read or set,
+  and its table gives each worker variable the code's default; AGENTS.md
+  names no other.
 
 `.venv/bin/python -m tests.test_packaging` renews the Hub's test job: a new
 test key in tests.json, and test_input.json's request encrypted under it.
@@ -519,24 +520,24 @@ def image_defaults() -> dict[str, str]:
     return defaults
 
 
-def test_agents_md_names_exactly_the_variables_the_code_and_image_read_or_set():
-    agents = (ROOT / "AGENTS.md").read_text()
+def test_readme_names_exactly_the_variables_the_code_and_image_read_or_set():
     expected = variables_read_by_the_code() | set(image_env()) | build_args()
     assert "RUNPOD_WEBHOOK_GET_JOB" in expected and "RUNPOD_API_KEY" in expected
-    documented = named_variables(agents)
-    assert documented - expected == set(), "named in AGENTS.md, unknown to the code"
-    assert expected - documented == set(), "read by the code, missing from AGENTS.md"
+    documented = named_variables((ROOT / "README.md").read_text())
+    assert documented - expected == set(), "named in README, unknown to the code"
+    assert expected - documented == set(), "read by the code, missing from README"
 
 
-@pytest.mark.parametrize(
-    ("document", "heading"),
-    [("AGENTS.md", "### Worker variables"), ("README.md", "## Deploying on RunPod")],
-)
-def test_every_worker_variable_is_documented_with_the_codes_default(document, heading):
-    table = variables_table(section((ROOT / document).read_text(), heading))
+def test_agents_md_names_no_variable_the_code_does_not_know():
+    expected = variables_read_by_the_code() | set(image_env()) | build_args()
+    assert named_variables((ROOT / "AGENTS.md").read_text()) - expected == set()
+
+
+def test_every_worker_variable_is_documented_with_the_codes_default():
+    table = variables_table(section((ROOT / "README.md").read_text(), "## Configure"))
     assert set(table) == WORKER_VARIABLES
     for name, default in image_defaults().items():
-        assert f"`{default}`" in table[name], f"{document}: {name} defaults to {default}"
+        assert f"`{default}`" in table[name], f"README: {name} defaults to {default}"
 
 
 def test_agents_md_states_the_verification_protocol_and_every_error_code():
@@ -549,7 +550,7 @@ def test_agents_md_states_the_verification_protocol_and_every_error_code():
 
 
 def test_readme_names_the_base_image_and_the_image_smoke_test():
-    deploying = section((ROOT / "README.md").read_text(), "## Deploying on RunPod")
+    deploying = section((ROOT / "README.md").read_text(), "## Deploy on RunPod")
     (base,) = [arguments for keyword, arguments in dockerfile() if keyword == "FROM"]
     assert f"`{base}`" in deploying
     assert "--gpus all" in deploying
