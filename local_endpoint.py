@@ -489,10 +489,15 @@ class WorkerProcess:
                 preexec_fn=_end_with_parent,
             )
 
-    def wait_ready(self, timeout_s: float) -> None:
-        """Wait until the worker polls for jobs, i.e. its engine is up."""
+    def wait_ready(self, timeout_s: float, on_boot_line=None) -> None:
+        """Wait until the worker polls for jobs, i.e. its engine is up;
+        `on_boot_line` gets each `boot:` and `worker ready` line of its log
+        as it is written, to show the boot's progress."""
         deadline = time.monotonic() + timeout_s
+        read = 0
         while self.worker_id not in self.serving.endpoint.workers_seen:
+            if on_boot_line is not None:
+                read = self._boot_lines(read, on_boot_line)
             if self.process.poll() is not None:
                 raise RuntimeError(
                     f"the worker exited with status {self.process.returncode} before taking "
@@ -501,6 +506,18 @@ class WorkerProcess:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the worker was not up after {timeout_s:.0f} s")
             time.sleep(0.2)
+        if on_boot_line is not None:
+            self._boot_lines(read, on_boot_line)
+
+    def _boot_lines(self, offset: int, on_boot_line) -> int:
+        with open(self.log_path, "rb") as log:
+            log.seek(offset)
+            chunk = log.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        for line in complete.decode(errors="replace").splitlines():
+            if "worker: boot: " in line or "worker: worker ready " in line:
+                on_boot_line(line.split("worker: ", 1)[1])
+        return offset + len(complete)
 
     def log_tail(self, lines: int = 40) -> str:
         text = self.log_path.read_text(errors="replace")

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 import deps
 
@@ -43,7 +44,18 @@ def _sdk_local_mode(argv: list[str]) -> bool:
     )
 
 
+def _process_started() -> float:
+    """When this process started, on time.monotonic()'s clock."""
+    try:
+        with open(f"/proc/{os.getpid()}/stat") as stat:
+            ticks = int(stat.read().rpartition(")")[2].split()[19])
+        return ticks / os.sysconf("SC_CLK_TCK")  # seconds since boot, as CLOCK_MONOTONIC
+    except (OSError, ValueError, IndexError):
+        return time.monotonic()
+
+
 def main(argv: list[str]) -> int:
+    started = _process_started()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         config = WorkerConfig.from_env()
@@ -58,7 +70,12 @@ def main(argv: list[str]) -> int:
         )
         return 2
 
+    log.info(
+        "boot: configuration checked, %.1f s after the process started", time.monotonic() - started
+    )
+
     # The heavy imports (torch, vLLM: seconds), once the configuration holds.
+    imported = time.monotonic()
     from vllm.utils.gc_utils import freeze_gc_heap
 
     import boot
@@ -67,8 +84,13 @@ def main(argv: list[str]) -> int:
     from protocol import ErrorCode, ProtocolError
     from worker import STOPPED_REASON, Worker
 
+    report = boot.BootReport(started)
+    report.fields["config_s"] = round(imported - started, 2)
+    report.phase("imports", imported)
+    report.watch_vllm()
+    report.fields["compile_cache_dir"] = boot.place_compile_cache()
     try:
-        engine = boot.start_engine(config)
+        engine = boot.start_engine(config, report)
     except ConfigError as error:
         log.error("%s", error)
         return 2
@@ -136,6 +158,7 @@ def main(argv: list[str]) -> int:
         on_grace_expired=worker.stop_jobs,
         cut_off_error=str(ProtocolError(ErrorCode.WORKER_STOPPED, STOPPED_REASON)),
     )
+    log.info("%s", report.ready_line())
     job_loop.run_worker(sdk_config, scaler)
     # The engine is done with: its processes never exit by themselves on
     # every build, and vLLM's own shutdown at exit would wait 5 s for them.

@@ -102,7 +102,9 @@ def loopback_endpoint() -> Iterator[client.Client]:
         models = ", ".join(map(str, config.models))
         print(f"booting the worker on {models} (log: {log_path}) ...", flush=True)
         try:
-            worker.wait_ready(BOOT_TIMEOUT_S)
+            worker.wait_ready(
+                BOOT_TIMEOUT_S, on_boot_line=lambda line: print(f"  {line}", flush=True)
+            )
             yield client.Client(
                 base_url=serving.url,
                 api_key=endpoint.api_key,

@@ -45,7 +45,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,8 +212,11 @@ def _read_ref(folder: Path, revision: str) -> str | None:
         return None
 
 
-def resolve(ref: ModelRef, sources: ModelSources) -> Path:
-    """The directory of a complete copy of `ref`, downloading it if needed."""
+def resolve(
+    ref: ModelRef, sources: ModelSources, on_download: Callable[[int], None] = lambda _size: None
+) -> Path:
+    """The directory of a complete copy of `ref`, downloading it if needed;
+    `on_download` is told how many bytes a download fetched."""
     local = Path(ref.name)
     if local.is_dir():
         if not is_complete(local):
@@ -231,7 +234,9 @@ def resolve(ref: ModelRef, sources: ModelSources) -> Path:
             f"{ref}: HF_HUB_OFFLINE=1 and no cache holds a complete copy: "
             "unset HF_HUB_OFFLINE, or add the model to the endpoint's cached models"
         )
-    return download(ref, sources)
+    snapshot, size = download(ref, sources)
+    on_download(size)
+    return snapshot
 
 
 # --- Downloading ---------------------------------------------------------------
@@ -252,8 +257,8 @@ def select_files(files: list[RemoteFile]) -> list[RemoteFile]:
     return wanted
 
 
-def download(ref: ModelRef, sources: ModelSources) -> Path:
-    """Download `ref` into the hub cache and return its snapshot."""
+def download(ref: ModelRef, sources: ModelSources) -> tuple[Path, int]:
+    """Download `ref` into the hub cache: its snapshot, and the bytes fetched."""
     from huggingface_hub import HfApi
 
     sources = _with_writable_hub_cache(ref, sources)
@@ -295,7 +300,7 @@ def download(ref: ModelRef, sources: ModelSources) -> Path:
     snapshot = find_snapshot(sources.hub_cache, ref)
     if snapshot is None:
         raise ModelError(f"{ref}: downloaded, but the repo has no config.json or no weights")
-    return snapshot
+    return snapshot, sum(f.size for f in files)
 
 
 def _with_writable_hub_cache(ref: ModelRef, sources: ModelSources) -> ModelSources:
@@ -491,7 +496,7 @@ def main(argv: list[str]) -> int:
     if args.into:
         sources = sources.model_copy(update={"hub_cache": args.into})
     try:
-        print(download(ModelRef.parse(args.model), sources))
+        print(download(ModelRef.parse(args.model), sources)[0])
     except ModelError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -92,38 +92,6 @@ def test_a_missing_key_says_how_to_make_one(env):
         WorkerConfig.from_env(env)
 
 
-def test_engine_args_cannot_shadow_variables_or_name_unknown_arguments(env):
-    import boot
-
-    env["ENGINE_ARGS"] = '{"dtype": "half", "no_such_argument": 1, "enable_log_requests": true}'
-    config = WorkerConfig.from_env(env)
-    with pytest.raises(ConfigError) as caught:
-        boot.engine_arguments(config, "/models/x", "org/model")
-    message = str(caught.value)
-    assert "'dtype'" in message and "'no_such_argument'" in message
-    assert "'enable_log_requests'" in message
-
-
-def test_engine_arguments_carry_every_setting(env):
-    from vllm.config import StructuredOutputsConfig
-
-    import boot
-
-    env.update(MAX_MODEL_LEN="2048", TENSOR_PARALLEL_SIZE="1", ENGINE_ARGS='{"max_num_seqs": 8}')
-    arguments = boot.engine_arguments(WorkerConfig.from_env(env), "/models/x", "org/model")
-    assert arguments == {
-        "model": "/models/x",
-        "served_model_name": "org/model",
-        "gpu_memory_utilization": 0.95,
-        "max_model_len": 2048,
-        "dtype": "auto",
-        "tensor_parallel_size": 1,
-        "structured_outputs_config": StructuredOutputsConfig(**boot.DEFAULT_STRUCTURED_OUTPUTS),
-        "enable_log_requests": False,
-        "max_num_seqs": 8,
-    }
-
-
 @pytest.mark.parametrize(
     "models, message",
     [

@@ -32,7 +32,7 @@ def stoppable(worker_env, tmp_path):
     def start(**env):
         serving = local_endpoint.Serving(local_endpoint.LocalEndpoint())
         worker = local_endpoint.WorkerProcess(
-            serving, {**os.environ, **worker_env, **env}, tmp_path / "worker.log"
+            serving, {**os.environ, **worker_env, **env}, tmp_path / f"worker-{len(started)}.log"
         )
         started.append((serving, worker))
         worker.wait_ready(timeout_s=600)
@@ -58,18 +58,31 @@ def job_done_lines(log: str) -> dict[str, dict]:
     return {line["job"]: line for line in lines}
 
 
-def test_an_idle_worker_stops_at_once_and_cleanly(stoppable):
-    _, worker = stoppable()
+def stop_idle_worker(worker: local_endpoint.WorkerProcess) -> str:
+    """SIGTERM an idle worker, as docker stop does; its log once it exited 0."""
     children = engine_processes(worker)
     assert children, "the engine runs in processes of its own"
-
-    worker.process.send_signal(15)  # SIGTERM, as docker stop sends it
-
+    worker.process.send_signal(15)
     assert worker.process.wait(timeout=30) == 0
     assert not [child for child in children if child.is_running() and child.status() != "zombie"]
     log = worker.log_path.read_text()
     assert 'worker stopped {"reason": "SIGTERM"}' in log
     assert "the engine died" not in log
+    return log
+
+
+def test_an_idle_worker_stops_at_once_and_cleanly_even_after_a_corrupt_cache(stoppable, tmp_path):
+    cache = tmp_path / "compile-cache"
+    _, worker = stoppable(VLLM_CACHE_ROOT=str(cache))
+    stop_idle_worker(worker)
+    files = [path for path in cache.rglob("*") if path.is_file()]
+    assert files, "the worker left no compile cache"
+    for path in files:  # every file of it cut short
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    _, worker = stoppable(VLLM_CACHE_ROOT=str(cache))  # it boots all the same
+    log = stop_idle_worker(worker)
+    assert "worker ready {" in log
 
 
 async def test_a_busy_worker_finishes_its_jobs_within_the_grace_then_exits_0(

@@ -3,6 +3,7 @@ the production path, and the verdicts it can reach."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -66,6 +67,14 @@ def test_the_command_streams_and_succeeds_on_the_tiny_model(tiny_model_dir):
     assert "SUCCESS" in lines
     (summary,) = [line for line in lines if line.startswith("TTFT ")]
     assert " tokens in " in summary and "tokens/s" in summary
+    # The boot's progress, shown as it happens, then the worker's ready line.
+    boot_lines = [line.strip() for line in lines if line.startswith("  boot: ")]
+    assert boot_lines[0].startswith("boot: configuration checked, ")
+    assert any(line.startswith("boot: engine took ") for line in boot_lines)
+    (ready,) = [line.strip() for line in lines if line.startswith("  worker ready {")]
+    phases = json.loads(ready.removeprefix("worker ready "))
+    assert phases["kv_cache_tokens"] > 0 and phases["weights_s"] >= 0
+    assert 0 < phases["config_s"] < phases["engine_s"] < phases["total_s"]
 
 
 def test_a_bad_variable_fails_at_once_naming_it(tiny_model_dir):
