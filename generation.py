@@ -426,7 +426,7 @@ class OutputReader:
         if reason == "error":
             if self.constraint_given:
                 raise ProtocolError(
-                    ErrorCode.INVALID_INPUT, "the structured output could not be compiled"
+                    ErrorCode.INVALID_INPUT, "the engine could not keep to the structured output"
                 )
             raise ProtocolError(ErrorCode.ENGINE_ERROR, "generation failed")
         if reason == "stop" and self.saw_tool_calls:

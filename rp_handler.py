@@ -122,7 +122,7 @@ def main(argv: list[str]) -> int:
         config.inbox(),
         planner=planner,
         max_items_per_s=config.max_items_per_s,
-        shaping=(
+        shaper=(
             shaping.Shaping(
                 config.stream_interval_ms / 1000,
                 config.padding_bucket,

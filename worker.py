@@ -8,7 +8,7 @@ Rules:
   request; a stream yields at most its share of MAX_ITEMS_PER_SECOND, and
   the SDK posts each item before resuming us, so busy workers and slow
   networks coalesce tokens and lose none. Under STREAM_INTERVAL_MS the
-  stream is shaped instead (`shaping.py`).
+  stream is shaped instead (`shaping.py`), its pace and sizes fixed.
 - Every job, whatever its end, logs one `job done {...}` line of numbers.
 - A dead engine fails every job in flight with ENGINE_ERROR and calls
   `on_engine_death`, so that the process exits and RunPod replaces it.
@@ -109,14 +109,14 @@ class Worker:
         *,
         planner: Planner | None = None,
         max_items_per_s: float = 0,
-        shaping: shaping.Shaping | None = None,
+        shaper: shaping.Shaping | None = None,
         on_engine_death: Callable[[], None] = lambda: None,
     ):
         self.engine = engine
         self.inbox = inbox
         self.planner = planner or Planner(engine)
         self.max_items_per_s = max_items_per_s
-        self.shaping = shaping
+        self.shaper = shaper
         self.on_engine_death = on_engine_death
         self.model_name: str = engine.model_config.served_model_name
         self._aborting: set[asyncio.Task] = set()
@@ -145,11 +145,14 @@ class Worker:
             request, issued_at, channel = self.inbox.admit(job.get("input"))
             record.key = channel.key_id
             record.queue_wait_s = max(int(time.time()) - issued_at, 0)
-            if self.shaping is not None and request.sampling_params.logprobs is not None:
+            if self.shaper is not None and request.sampling_params.logprobs is not None:
                 raise ProtocolError(ErrorCode.INVALID_INPUT, shaping.NO_LOGPROBS)
-            items = self.items(request, record)
-            if self.shaping is not None:
-                items = self.shaping.shape(items, record.received)
+            if request.describe:
+                items = self._card(record)
+            else:
+                items = self.generate(request, record)
+            if self.shaper is not None:
+                items = self.shaper.shape(items, record.received)
             async with aclosing(items):
                 async for item in items:
                     if not item.empty:
@@ -177,15 +180,10 @@ class Worker:
         if failure:
             yield {"error": str(failure)}
 
-    async def items(self, request: Request, record: JobRecord) -> AsyncIterator[StreamItem]:
-        """The job's plaintext items: each is what is new since the previous
-        one; the last carries finish_reason and usage."""
-        if request.describe:
-            record.finish_reason = "stop"
-            yield describe(self.planner)
-            return
-        async for item in self.generate(request, record):
-            yield item
+    async def _card(self, record: JobRecord) -> AsyncIterator[StreamItem]:
+        """The answer to `{"describe": true}`."""
+        record.finish_reason = "stop"
+        yield describe(self.planner)
 
     def _item_interval(self) -> float:
         """Each stream's share of max_items_per_s, in seconds. An item costs
@@ -193,7 +191,7 @@ class Worker:
         token or ten: pacing keeps that cost flat as streams multiply, while
         a lone stream still gets its tokens as they come. Shaped streams set
         their own pace."""
-        if not self.max_items_per_s or self.shaping is not None:
+        if not self.max_items_per_s or self.shaper is not None:
             return 0.0
         return self.engine.get_num_unfinished_requests() / self.max_items_per_s
 

@@ -76,7 +76,7 @@ async def measure(config: WorkerConfig, args) -> dict:
         workers = {
             "plain": Worker(engine, inbox, max_items_per_s=config.max_items_per_s),
             "shaped": Worker(
-                engine, inbox, shaping=shaping.Shaping(args.interval_ms / 1000, BUCKET, QUANTUM)
+                engine, inbox, shaper=shaping.Shaping(args.interval_ms / 1000, BUCKET, QUANTUM)
             ),
         }
         sealer = channel.Channel(config.encryption_key)

@@ -13,11 +13,11 @@ import itertools
 import json
 
 import pytest
+from cryptography.fernet import Fernet
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from jobs import GREEDY, greedy_text, open_all, run_job
 
-import channel
 import protocol
 from protocol import ErrorCode, ProtocolError
 
@@ -37,7 +37,11 @@ json_values = st.recursive(
 )
 schema_keys = st.sampled_from(
     ["prompt", "messages", "sampling_params", "role", "content", "max_tokens", "temperature",
-     "top_p", "top_k", "stop", "seed", "stop_token_ids", "ignore_eos"]
+     "top_p", "top_k", "stop", "seed", "stop_token_ids", "ignore_eos", "logprobs", "n",
+     "structured_output", "json_schema", "json_object", "regex", "choice", "grammar",
+     "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs", "describe",
+     "type", "function", "name", "description", "parameters", "strict", "arguments",
+     "tool_calls", "tool_call_id", "id", "text"]
 )  # fmt: skip
 schema_shaped = st.recursive(
     json_values,
@@ -58,14 +62,14 @@ def is_valid_request(plaintext: bytes) -> bool:
 
 @pytest.fixture(scope="module")
 def fresh_token(key):
-    fernet = channel.load_keys(key)
+    fernet = Fernet(key)
     plaintext = b'{"prompt": "Sanity check.", "sampling_params": {"max_tokens": 4}}'
     return lambda: fernet.encrypt(plaintext).decode()
 
 
 @pytest.fixture(scope="module")
 def seal_plaintext(key):
-    fernet = channel.load_keys(key)
+    fernet = Fernet(key)
     return lambda plaintext: {"ciphertext": fernet.encrypt(plaintext).decode()}
 
 
@@ -172,3 +176,56 @@ async def test_wrong_types_and_values_in_sampling_params(refused, seal_plaintext
 )
 async def test_huge_fields(refused, seal_plaintext, huge):
     await refused(seal_plaintext(json.dumps(huge).encode()), ErrorCode.INVALID_INPUT)
+
+
+CHAT = {"messages": [{"role": "user", "content": "Fuzz."}], "sampling_params": {"max_tokens": 4}}
+
+
+@FUZZ
+@given(
+    field=st.sampled_from(
+        ["structured_output", "tools", "tool_choice", "parallel_tool_calls",
+         "chat_template_kwargs", "describe"]
+    ),
+    value=json_values | schema_shaped,
+)  # fmt: skip
+async def test_wrong_types_and_values_in_the_v1_1_fields(refused, seal_plaintext, field, value):
+    plaintext = json.dumps({**CHAT, field: value}).encode()
+    assume(not is_valid_request(plaintext))
+    await refused(seal_plaintext(plaintext), ErrorCode.INVALID_INPUT)
+
+
+@FUZZ
+@given(message=st.dictionaries(schema_keys, json_values | schema_shaped, max_size=5))
+async def test_random_messages(refused, seal_plaintext, message):
+    plaintext = json.dumps({**CHAT, "messages": [message]}).encode()
+    assume(not is_valid_request(plaintext))
+    await refused(seal_plaintext(plaintext), ErrorCode.INVALID_INPUT)
+
+
+@settings(FUZZ, max_examples=40)
+@given(schema=st.dictionaries(st.sampled_from(
+    ["type", "properties", "items", "enum", "const", "pattern", "minimum", "maxLength",
+     "required", "anyOf", "$ref", "format", "additionalProperties"]
+), json_values, max_size=4))  # fmt: skip
+async def test_schemas_the_backend_may_refuse_fail_cleanly_or_constrain(
+    worker, client_channel, fuzz_tally, schema
+):
+    """A schema the protocol accepts either compiles and the job streams,
+    or fails INVALID_INPUT with a fixed reason: it does not compile, or the
+    backend finds no token that keeps to it (after some items, then)."""
+    request = protocol.validate_request(
+        prompt="Fuzz.", sampling_params={"max_tokens": 8}, structured_output={"json_schema": schema}
+    )
+    outputs = await run_job(worker, client_channel.seal_request(request))
+    if "error" in outputs[-1]:
+        error = ProtocolError.parse(outputs[-1]["error"])
+        assert error.code is ErrorCode.INVALID_INPUT
+        assert error.reason in (
+            "the structured output or tools could not be compiled into a grammar",
+            "the engine could not keep to the structured output",
+        )
+        assert all(client_channel.open_item(output) for output in outputs[:-1])
+    else:
+        assert client_channel.open_item(outputs[-1]).final
+    fuzz_tally["test_schemas_the_backend_may_refuse_fail_cleanly_or_constrain"] += 1
