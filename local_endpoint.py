@@ -17,6 +17,11 @@ Rules:
 - `/stream` drains: each poll returns the chunks the worker posted since the
   previous poll, as soon as they are posted, not when the job ends.
 - A cancelled job is stopped on its worker through the job-stop channel.
+- A worker not seen for `lost_after_s` (no job-take, job-stop or ping) is
+  lost: its jobs in progress end FAILED with the error `worker lost: ...`,
+  an error string of RunPod's kind, not one of the worker's codes. RunPod
+  does not document what becomes of the jobs of a worker that dies; this
+  is the loopback's choice, so that no job waits out its execution timeout.
 - Everything lives in memory and only on loopback; finished jobs are
   forgotten after RunPod's retention times.
 
@@ -121,6 +126,7 @@ class LocalEndpoint:
         hold_s: float = 2.0,
         execution_timeout_s: float | None = 600.0,
         run_rate_limit: RateLimit | None = None,
+        lost_after_s: float | None = 30.0,
     ):
         self.endpoint_id = endpoint_id
         self.api_key = api_key or secrets.token_urlsafe(24)
@@ -130,6 +136,9 @@ class LocalEndpoint:
         self.hold_s = hold_s
         self.execution_timeout_s = execution_timeout_s  # RunPod's default: 10 minutes
         self.run_rate_limit = run_rate_limit  # on /run and /runsync
+        # Three times the runpod SDK's default ping interval (10 s), so that a
+        # live worker is never taken for lost; None: workers are never lost.
+        self.lost_after_s = lost_after_s
         self.jobs: dict[str, Job] = {}
         self.queue: collections.deque[str] = collections.deque()
         self.stops: dict[str, set[str]] = collections.defaultdict(set)
@@ -161,7 +170,15 @@ class LocalEndpoint:
         ]
         for method, path, handler in routes:
             app.router.add_route(method, root + path, handler)
+        app.cleanup_ctx.append(self._watching_workers)
         return app
+
+    async def _watching_workers(self, _app: web.Application):
+        """While the app serves: fail the jobs of lost workers."""
+        watch = asyncio.ensure_future(self._fail_jobs_of_lost_workers())
+        yield
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):
@@ -334,6 +351,25 @@ class LocalEndpoint:
         if not taken:  # another worker's poll took them first
             return web.Response(status=204)
         return web.json_response(taken if batch else taken[0])
+
+    async def _fail_jobs_of_lost_workers(self) -> None:
+        if self.lost_after_s is None:
+            return
+        while True:
+            await asyncio.sleep(min(self.lost_after_s / 4, 1.0))
+            silent_since = time.monotonic() - self.lost_after_s
+            lost = [
+                job
+                for job in self.jobs.values()
+                if job.status == "IN_PROGRESS" and self.workers_seen[job.worker_id] < silent_since
+            ]
+            for job in lost:
+                error = f"worker lost: not seen for {self.lost_after_s:g} s"
+                self._finish(job, "FAILED", error=error)
+                # Should the worker come back after all, it drops the job.
+                self.stops[job.worker_id].add(job.id)
+            if lost:
+                await self._notify()
 
     def _time_out(self, job: Job) -> None:
         if job.status not in FINAL:

@@ -53,8 +53,8 @@ class Peer:
     def status(self, job_id: str) -> dict:
         return self.client.get(f"/status/{job_id}").json()
 
-    def take(self) -> httpx.Response:
-        return self.worker.get("/job-take/w1?gpu=LOCAL&job_in_progress=0")
+    def take(self, worker_id: str = "w1") -> httpx.Response:
+        return self.worker.get(f"/job-take/{worker_id}?gpu=LOCAL&job_in_progress=0")
 
     def post(self, kind: str, job_id: str, body: dict) -> None:
         response = self.worker.post(
@@ -145,6 +145,29 @@ def test_a_job_past_its_execution_timeout_is_timed_out_and_stopped(peer):
     time.sleep(0.4)
     assert peer.status(job_id)["status"] == "TIMED_OUT"
     assert peer.worker.get("/job-stop/w1?gpu=LOCAL").json() == {"jobsToStop": [job_id]}
+
+
+def test_the_jobs_of_a_worker_gone_silent_fail_as_lost_with_it():
+    endpoint = local_endpoint.LocalEndpoint(hold_s=0.2, execution_timeout_s=None, lost_after_s=1)
+    with local_endpoint.Serving(endpoint) as serving:
+        peer = Peer(serving)
+        silent, alive = peer.run(), peer.run()
+        assert peer.take("w1").json()["id"] == silent  # w1 then says nothing more
+        assert peer.take("w2").json()["id"] == alive
+        queued = peer.run()
+        until = time.monotonic() + 2.5
+        while time.monotonic() < until:  # w2 pings on
+            peer.worker.get("/ping/w2?gpu=LOCAL").raise_for_status()
+            time.sleep(0.1)
+
+        lost = peer.status(silent)
+        assert (lost["status"], lost["error"]) == ("FAILED", "worker lost: not seen for 1 s")
+        assert protocol.ProtocolError.parse(lost["error"]) is None  # none of the worker's codes
+        assert peer.status(alive)["status"] == "IN_PROGRESS"
+        assert peer.status(queued)["status"] == "IN_QUEUE"  # a queued job waits for a worker
+        peer.post("job-done", silent, {"output": ["late"]})  # w1 after all: dropped
+        assert peer.status(silent)["status"] == "FAILED"
+        assert peer.worker.get("/job-stop/w1?gpu=LOCAL").json() == {"jobsToStop": [silent]}
 
 
 def test_runsync_waits_for_the_result_or_answers_in_progress(peer):
