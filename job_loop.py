@@ -20,6 +20,8 @@ Rules:
   and cancels whatever is left `cancel_after_s` later, posting its failure.
   A second signal ends the grace at once. No job that RunPod handed to this
   worker is left without a final state.
+- A job stopped before its task first ran (so before the handler saw it)
+  frees its slot all the same, and is logged as stopped before it started.
 - `serverless.start` takes no scaler of ours, so `run_worker` does what the
   SDK's own `run_worker` does (fitness checks, heartbeat, the loop); it
   leaves out the SDK's local test modes, which `rp_handler.py` refuses.
@@ -28,6 +30,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 import sys
 import time
@@ -147,14 +150,28 @@ class EventJobScaler(rp_scale.JobScaler):
             self._run_wakeup.clear()
             tasks = {task for task in tasks if not task.done()}
             while len(tasks) < self.current_concurrency and not self.jobs_queue.empty():
-                job = self.jobs_queue.get_nowait()
-                task = asyncio.create_task(self.handle_job(session, job))
-                tasks.add(task)
-                self.jobs_tasks[job["id"]] = task
+                tasks.add(self._start_job(session, self.jobs_queue.get_nowait()))
             if not (self.is_alive() or self._taking or not self.jobs_queue.empty()):
                 break
             await self._run_wakeup.wait()  # a job queued or ended, a stop, the last take
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _start_job(self, session: ClientSession, job: dict) -> asyncio.Task:
+        task = asyncio.create_task(self.handle_job(session, job))
+        self.jobs_tasks[job["id"]] = task
+        task.add_done_callback(functools.partial(self._forget_if_never_run, job))
+        return task
+
+    def _forget_if_never_run(self, job: dict, task: asyncio.Task) -> None:
+        """A task cancelled before its first step (a job-stop in the same
+        turn of the loop as its start) never runs a line of `handle_job`,
+        whose `finally` forgets the job: it would hold a slot of the
+        concurrency for good, and the heartbeat would report it forever."""
+        if self.jobs_tasks.get(job["id"]) is task:
+            del self.jobs_tasks[job["id"]]
+            self.job_progress.remove(job)
+            log.info("Job stopped before it started.", job["id"])
+            self._wake()
 
     async def handle_job(self, session: ClientSession, job: dict):
         try:

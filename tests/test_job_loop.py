@@ -4,6 +4,7 @@ stay queued, exit 0), and a job the grace cuts off fails WORKER_STOPPED."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -12,11 +13,29 @@ import psutil
 import pytest
 import runpod
 from jobs import greedy_text
+from runpod.serverless.modules.worker_state import JobsProgress
 
 import client
 import job_loop
 import local_endpoint
 from protocol import ErrorCode
+
+
+async def test_a_job_stopped_before_its_task_first_runs_frees_its_slot(tmp_path, monkeypatch):
+    # Seen in bench/soak.py: a cancel that reached the worker in the same
+    # turn of its loop as the job's start left the job holding a slot.
+    monkeypatch.setattr(JobsProgress, "_STATE_FILE", str(tmp_path / "jobs.pkl"))
+    scaler = job_loop.EventJobScaler({"handler": lambda job: None}, grace_s=1)
+    job = {"id": "stopped-at-once", "input": {}}
+    scaler.job_progress.add(job)
+
+    task = scaler._start_job(session=None, job=job)
+    assert await scaler.stop_job(job["id"])  # no await between: the task never ran
+    await asyncio.gather(task, return_exceptions=True)
+
+    assert task.cancelled()
+    assert scaler.current_occupancy() == 0
+    assert scaler.job_progress.get(job["id"]) is None
 
 
 def test_the_job_loop_is_written_for_this_sdk_version():
