@@ -24,7 +24,8 @@ Rules:
 - Every failure is one of the `ClientError` types below; a job's failure
   carries the worker's stable code.
 - A stream cancels its job when its caller stops reading early: the stream
-  closed or dropped, a timeout, Ctrl-C.
+  closed or dropped, a timeout, Ctrl-C, the caller's task cancelled (even by
+  a cancel scope that cancels every later await too, as ASGI servers do).
 - A completion is returned as soon as its final item arrives; if the job
   still posts (a constant-rate stream's filler), it is read to its end in
   the background, so that this client's polling never shows when the text
@@ -38,13 +39,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import random
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -578,7 +580,9 @@ class AsyncClient:
             timeout=HTTP_TIMEOUT_S,
             limits=httpx.Limits(max_connections=None),
         )
-        self._drains: set[asyncio.Task] = set()
+        # Reads of finished streams and cancels of abandoned jobs, in tasks of
+        # their own (see _in_background); closing the client waits for them.
+        self._background: set[asyncio.Task] = set()
 
     async def submit(self, prompt: str | None = None, **request: Any) -> AsyncJob:
         sealed = self.channel.seal_request(protocol.validate_request(prompt, **request))
@@ -605,8 +609,8 @@ class AsyncClient:
         return await self._call("GET", "/health")
 
     async def aclose(self) -> None:
-        if self._drains:
-            await asyncio.wait(self._drains, timeout=DRAIN_WAIT_S)
+        if self._background:
+            await asyncio.wait(self._background, timeout=DRAIN_WAIT_S)
         await self._http.aclose()
 
     async def __aenter__(self) -> AsyncClient:
@@ -644,9 +648,15 @@ class AsyncClient:
             except ClientError:
                 pass  # nothing of it was for the caller
 
-        task = asyncio.ensure_future(read_to_the_end())
-        self._drains.add(task)
-        task.add_done_callback(self._drains.discard)
+        self._in_background(read_to_the_end())
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> asyncio.Task:
+        """`work` in a task of its own, which the caller's cancellation
+        does not reach and which closing the client waits for."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)  # the loop itself keeps only a weak reference
+        task.add_done_callback(self._background.discard)
+        return task
 
 
 class AsyncJob:
@@ -671,7 +681,8 @@ class AsyncJob:
                 pass
         return items.completion
 
-    async def _follow(self) -> AsyncIterator[StreamItem | Completion]:
+    async def _follow(self) -> AsyncIterator[list[StreamItem] | Completion]:
+        """The items of each /stream answer that brought some, then the completion."""
         client = self._client
         tracker = _Tracker(
             client.channel, self.id, self.submitted_at, client.poll_interval, client.timeout
@@ -680,8 +691,9 @@ class AsyncJob:
             while True:
                 asked = time.monotonic()
                 body = await client._call("GET", tracker.poll_path())
-                for item in tracker.feed(body, held_s=time.monotonic() - asked):
-                    yield item
+                arrived = tracker.feed(body, held_s=time.monotonic() - asked)
+                if arrived:
+                    yield arrived
                 if tracker.ended:
                     break
                 if tracker.overdue:
@@ -698,6 +710,12 @@ class AsyncJob:
         yield tracker.completion()
 
     async def _cancel_quietly(self) -> None:
+        # Shielded, in a task of its own: a caller cancelled by a cancel scope
+        # (anyio's, as ASGI servers use when an HTTP caller disconnects)
+        # would have every await of its own cancelled again, this one too.
+        await asyncio.shield(self._client._in_background(self._cancel_ignoring_errors()))
+
+    async def _cancel_ignoring_errors(self) -> None:
         try:
             await self.cancel()
         except ClientError:
@@ -705,12 +723,14 @@ class AsyncJob:
 
 
 class AsyncItemStream:
-    """`ItemStream`, to iterate with `async for`."""
+    """`ItemStream`, to iterate with `async for`; `ready()` also takes, without
+    waiting, the items that arrived with the last one read."""
 
-    def __init__(self, job: AsyncJob, follow: AsyncIterator[StreamItem | Completion]):
+    def __init__(self, job: AsyncJob, follow: AsyncIterator[list[StreamItem] | Completion]):
         self.job = job
         self.completion: Completion | None = None
         self._follow = follow
+        self._arrived: collections.deque[StreamItem] = collections.deque()  # not yet read
         self._started = False
 
     def __aiter__(self):
@@ -718,11 +738,21 @@ class AsyncItemStream:
 
     async def __anext__(self) -> StreamItem:
         self._started = True
-        piece = await anext(self._follow)
-        if isinstance(piece, Completion):
-            self.completion = piece
-            raise StopAsyncIteration
-        return piece
+        if not self._arrived:
+            piece = await anext(self._follow)
+            if isinstance(piece, Completion):
+                self.completion = piece
+                raise StopAsyncIteration
+            self._arrived.extend(piece)
+        return self._arrived.popleft()
+
+    def ready(self) -> list[StreamItem]:
+        """The items received and not yet read, at once: those that arrived in
+        the same /stream answer as the last one read. A relay (the gateway)
+        forwards them as one piece."""
+        items = list(self._arrived)
+        self._arrived.clear()
+        return items
 
     async def aclose(self) -> None:
         if not self._started:  # never read: the follower never ran, cancel here

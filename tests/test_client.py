@@ -121,6 +121,35 @@ async def test_an_abandoned_async_stream_cancels_the_job(live):
         assert await stream.job.status() == "CANCELLED"
 
 
+async def test_items_that_arrived_together_are_ready_at_once(live):
+    """`ready()` takes, without waiting, what came with the item just read:
+    the rest of that /stream answer (paced items, a poll every 0.25 s)."""
+    async with live.async_client(poll_interval=0.25) as endpoint:
+        stream = await endpoint.items("Together.", sampling_params={**GREEDY, "max_tokens": 300})
+        async with stream:
+            pieces = [[item, *stream.ready()] async for item in stream]
+    items = [item for piece in pieces for item in piece]
+    assert "".join(item.text for item in items) == stream.completion.text
+    assert items[-1].final and stream.completion.usage.completion_tokens == 300
+    assert len(pieces) < len(items)  # some answers brought several items
+    assert stream.ready() == []
+
+
+async def test_a_stream_cancelled_by_a_cancel_scope_still_cancels_the_job(live):
+    """As an ASGI server stops a request whose caller disconnected: anyio's
+    cancel scope cancels every later await of the task, the cancel's too."""
+    import anyio
+
+    async with live.async_client() as endpoint:
+        stream = await endpoint.stream("Leave me.", sampling_params={**GREEDY, "max_tokens": 480})
+        with anyio.CancelScope() as scope:
+            async for _ in stream:
+                scope.cancel()
+        assert scope.cancelled_caught
+    # Closing the client waited for the cancel, which ran in a task of its own.
+    assert live.endpoint.jobs[stream.job.id].status == "CANCELLED"
+
+
 def test_each_worker_error_code_reaches_the_caller_as_job_failed(live, key):
     request = protocol.validate_request(prompt="Sanity check.", sampling_params=GREEDY)
     sealed = channel.Channel(key).seal_request(request)
