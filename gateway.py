@@ -55,7 +55,7 @@ from typing import Any, TypeVar
 try:
     import pydantic
     import uvicorn
-    from sse_starlette import EventSourceResponse
+    from sse_starlette import EventSourceResponse, ServerSentEvent
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.requests import Request
@@ -412,6 +412,11 @@ class Opened:
         return self.stream.job.id
 
 
+def _as_sse(data: list[str]) -> bytes:
+    """SSE events of these data, framed by sse-starlette, as one write."""
+    return b"".join(ServerSentEvent(each, sep="\n").encode() for each in data)
+
+
 class CallerLeft(Exception):
     """The caller disconnected before its answer began."""
 
@@ -603,34 +608,37 @@ class Gateway:
         opened: Opened,
         chunks: openai_protocol.ChatChunks | openai_protocol.TextChunks,
         record: RequestRecord,
-    ) -> AsyncIterator[str]:
-        """A stream's events: the chunks of every item, then `[DONE]`; or, if
-        the job fails on the way, one error event."""
-        items, finished = opened.first, False
+    ) -> AsyncIterator[bytes]:
+        """A stream's events, those of one endpoint answer in one write: the
+        chunks of its items, and after the last, `[DONE]`; or, if the job
+        fails on the way, one error event."""
+        pending = chunks.opening()
         try:
             async with opened.stream as stream:
-                for chunk in chunks.opening():
-                    yield chunk
+                items = opened.first
                 while items:
                     record.saw(items)
-                    finished = items[-1].finish_reason is not None
-                    for chunk in chunks.of(items):
-                        yield chunk
+                    pending += chunks.of(items)
+                    if items[-1].final:
+                        record.outcome = "completed"
+                        pending.append("[DONE]")
+                    yield _as_sse(pending)
+                    pending = []
+                    # After the last item this only lets the client library
+                    # finish (and read a shaped stream's filler to its end).
                     item = await anext(stream, None)
                     items = [item, *stream.ready()] if item is not None else []
-            if not finished:
+            if record.outcome != "completed":
                 raise ClientError(f"the job {opened.job_id} ended without its last item")
-            record.outcome = "completed"
-            yield "[DONE]"
         except ClientError as error:
             failure = api_error(error)
             record.failed(failure)
-            yield json.dumps(failure.body())
+            yield _as_sse([json.dumps(failure.body())])
         except Exception as error:
             log.error("stream: internal error %s", _where(error))
             failure = _server_error(500, "internal error in the gateway", "internal_error")
             record.failed(failure)
-            yield json.dumps(failure.body())
+            yield _as_sse([json.dumps(failure.body())])
         finally:
             # Cancelled (the caller left, or the gateway stops) or closed early.
             record.outcome = record.outcome or "disconnected"
