@@ -514,12 +514,16 @@ class Gateway:
     async def completions(self, request: Request) -> Response:
         return await self._complete(request, openai_protocol.CompletionRequest)
 
-    async def _complete(self, request: Request, route: type) -> Response:
+    async def _complete(
+        self,
+        request: Request,
+        request_model: type[openai_protocol.RouteRequest],
+    ) -> Response:
         record = RequestRecord(route=request.url.path)
         created = int(time.time())
         try:
             self._authorize(request)
-            body = openai_protocol.parse_request(route, await request.body())
+            body = openai_protocol.parse_request(request_model, await request.body())
             record.stream = body.stream
             chain = await self.models.chain(body.model)
             record.model = body.model

@@ -335,10 +335,11 @@ class CompletionRequest(_Sampling):
         return {name: value for name, value in fields.items() if value is not None}
 
 
-Request = TypeVar("Request", bound=_Sampling)
+RouteRequest = ChatCompletionRequest | CompletionRequest
+Parsed = TypeVar("Parsed", ChatCompletionRequest, CompletionRequest)
 
 
-def parse_request(model: type[Request], body: bytes) -> Request:
+def parse_request(model: type[Parsed], body: bytes) -> Parsed:
     """The request body, validated; InvalidRequest names what is wrong."""
     try:
         return model.model_validate_json(body)
