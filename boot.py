@@ -19,18 +19,21 @@ Rules:
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import logging
 import os
 import re
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 from vllm import AsyncEngineArgs
 from vllm.config import StructuredOutputsConfig
 from vllm.engine.async_llm_engine import AsyncLLMEngine
@@ -144,8 +147,8 @@ MIN_FREE_BYTES = 1 << 30
 def place_compile_cache(environ: dict[str, str] = os.environ, volume: Path = RUNPOD_VOLUME) -> str:
     """Sets VLLM_CACHE_ROOT, unless set, to a writable folder on the network
     volume (else the container's disk), keyed by vLLM version and device,
-    and torch's kernel caches beside it; on the CPU build, turns vLLM's AOT
-    artifacts off. Returns the folder."""
+    and torch's kernel caches beside it; on the CPU build, turns off vLLM's
+    AOT artifacts and Inductor's precompiled header. Returns the folder."""
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
@@ -153,8 +156,16 @@ def place_compile_cache(environ: dict[str, str] = os.environ, volume: Path = RUN
         # ("'function' object has no attribute 'finalize_loading'"), so each
         # boot compiles again; without them its Inductor cache is reused.
         environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
+        # Inductor's C++ precompiled header (about 150 MB, 6 s to build) lives
+        # in $TMPDIR, which every new container has empty: build none.
+        environ.setdefault("TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS", "0")
     folder = environ.get("VLLM_CACHE_ROOT") or str(_cache_folder(volume))
     environ["VLLM_CACHE_ROOT"] = folder
+    # Torch writes its default kernel cache ($TMPDIR, lost with the
+    # container) into the environment the first time it looks, which vLLM's
+    # import does: that value is torch's, not a choice to keep.
+    if environ.get("TORCHINDUCTOR_CACHE_DIR") == os.path.abspath(default_cache_dir()):
+        del environ["TORCHINDUCTOR_CACHE_DIR"]
     # Torch keeps its own compiled kernels apart from vLLM's cache (vLLM
     # moves Inductor's beside its own only on its GPU path): both go there.
     environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(folder, "inductor"))
@@ -275,7 +286,21 @@ class BootReport:
                         # thread could block on the pipe it alone drains.
                         os.write(console, f"INFO worker: boot: {said}\n".encode())
 
-        threading.Thread(target=forward, name="vllm-log", daemon=True).start()
+        forwarder = threading.Thread(target=forward, name="vllm-log", daemon=True)
+        forwarder.start()
+
+        def stop_watching() -> None:
+            # At exit, whatever the path: give the console back, so that the
+            # pipe ends once the engine's processes are gone, and let the
+            # thread pass on the last lines (an error, why the worker
+            # stopped) before the interpreter kills it.
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            for fd in (1, 2):
+                os.dup2(console, fd)
+            forwarder.join(timeout=2.0)
+
+        atexit.register(stop_watching)
 
     def ready_line(self) -> str:
         """`worker ready {...}`: every phase, and the total from process start."""

@@ -5,6 +5,7 @@ lines vLLM's own processes log."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -84,6 +85,7 @@ def test_the_cache_goes_on_the_network_volume_keyed_by_version_and_device(tmp_pa
     assert folder.name == "vllm-0.32.0-cpu"
     assert environ["VLLM_CACHE_ROOT"] == str(folder)
     assert environ["VLLM_USE_AOT_COMPILE"] == "0"  # the CPU build cannot load them back
+    assert environ["TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS"] == "0"  # $TMPDIR starts empty
 
 
 def test_without_a_volume_the_cache_stays_on_the_containers_disk(tmp_path, monkeypatch):
@@ -108,8 +110,20 @@ def test_a_volume_that_cannot_take_the_cache_is_passed_over(tmp_path, monkeypatc
 
 
 def test_a_cache_root_set_by_hand_is_kept(tmp_path):
-    environ = {"VLLM_CACHE_ROOT": str(tmp_path / "mine")}
+    environ = {"VLLM_CACHE_ROOT": str(tmp_path / "mine"), "TORCHINDUCTOR_CACHE_DIR": "/kernels"}
     assert boot.place_compile_cache(environ, volume=tmp_path) == str(tmp_path / "mine")
+    assert environ["TORCHINDUCTOR_CACHE_DIR"] == "/kernels"
+
+
+def test_torchs_own_default_kernel_cache_is_moved_beside_vllms(tmp_path):
+    # As the worker finds its environment once torch and vLLM are imported:
+    # torch has written its default ($TMPDIR) into it.
+    import torch._inductor.runtime.cache_dir_utils as inductor_dirs
+
+    environ = {"TORCHINDUCTOR_CACHE_DIR": os.path.abspath(inductor_dirs.default_cache_dir())}
+    folder = boot.place_compile_cache(environ, volume=tmp_path)
+    assert environ["TORCHINDUCTOR_CACHE_DIR"] == os.path.join(folder, "inductor")
+    assert environ["TRITON_CACHE_DIR"] == os.path.join(folder, "triton")
 
 
 # --- The boot's phases -----------------------------------------------------------

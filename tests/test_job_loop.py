@@ -95,7 +95,8 @@ def test_an_idle_worker_stops_at_once_and_cleanly_even_after_a_corrupt_cache(sto
     _, worker = stoppable(VLLM_CACHE_ROOT=str(cache))
     stop_idle_worker(worker)
     files = [path for path in cache.rglob("*") if path.is_file()]
-    assert files, "the worker left no compile cache"
+    assert any(path.suffix == ".so" for path in files), "the worker left no compiled kernels"
+    assert (cache / "modelinfos").is_dir()
     for path in files:  # every file of it cut short
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
