@@ -123,7 +123,7 @@ def _server_error(status: int, message: str, code: str, *, retry: bool | None = 
 
 KEY_MISMATCH = (
     "the gateway's ENCRYPTION_KEY and the worker's do not match (DECRYPTION_FAILED): {}. "
-    "Give the gateway a key the worker holds, first in its list."
+    "Give the gateway one of the keys in the worker's ENCRYPTION_KEY."
 )
 
 

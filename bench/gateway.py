@@ -1,0 +1,357 @@
+"""What the gateway costs: the same streams through an OpenAI client and
+gateway.py, and through the client library, on the same loopback endpoint
+and real worker, side by side in one run.
+
+    .venv/bin/python bench/gateway.py [--concurrency 1,64] [--tokens 128]
+
+  (a) library: `client.AsyncClient` streaming in this process;
+  (b) gateway: `python3 gateway.py --base-url ...` in its own process, as a
+               user runs it, streamed by `openai.AsyncOpenAI` in this one.
+
+Both send the same chat request (greedy, --tokens tokens, ignoring EOS)
+through the same client library code, one to the endpoint, one to the
+gateway. It serves a loopback endpoint and starts the real worker
+(`rp_handler.py`, MODELS unset: the tiny offline model), warms both up,
+then at each concurrency C runs rounds in which C callers stream back to
+back (C x --streams-per-client streams, at least 16), alternating (a) and
+(b), each first in turn, at least --rounds times each and until the level
+has run for --seconds. TTFT runs from the call to the first text the caller
+sees. Per variant: tokens/s of the median round (all its tokens over its
+wall time) and TTFT p50/p95; beside (b), the median over rounds of (b)'s
+tokens/s over (a)'s in the same round, and of (b)'s TTFT p50 minus (a)'s,
+each with its 95% confidence interval (bench/throughput.py says why paired
+rounds, and how the goals are judged); and the CPU time per token of the
+caller (this process, less the loopback endpoint's thread) and, in (b), of
+the gateway's process (in (a) the caller does the polling and decryption
+that the gateway does in (b)).
+The first 16 streams of each level must carry the same text in both. The
+last line is the whole result as JSON (also written to --json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+import openai  # noqa: E402
+import psutil  # noqa: E402
+from throughput import median_ci, percentile, verdict  # noqa: E402
+
+import client  # noqa: E402
+from local_endpoint import LocalEndpoint, Serving, WorkerProcess  # noqa: E402
+from test_local import apply_offline_defaults  # noqa: E402
+
+CHECKED_STREAMS = 16
+MIN_STREAMS = 16
+# The issue's goals.
+GOAL_TTFT_ADDED_MS = 5.0  # (b)'s TTFT p50 over (a)'s, at every level
+GOAL_RATIO = 0.97  # (b)/(a) tokens/s, at GOAL_RATIO_LEVEL streams
+GOAL_RATIO_LEVEL = 64
+
+
+@dataclass
+class Stream:
+    ttft_s: float
+    tokens: int
+    text: str | None  # kept for the checked streams only
+
+
+@dataclass
+class Level:
+    """One variant at one concurrency, over all its rounds."""
+
+    streams: list[Stream] = field(default_factory=list)
+    round_rates: list[float] = field(default_factory=list)
+    round_ttfts: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        ttfts = [stream.ttft_s for stream in self.streams]
+        return {
+            "rounds": len(self.round_rates),
+            "streams": len(self.streams),
+            "tokens_per_s": round(statistics.median(self.round_rates), 1),
+            "ttft_p50_ms": round(percentile(ttfts, 50) * 1000, 2),
+            "ttft_p95_ms": round(percentile(ttfts, 95) * 1000, 2),
+            "round_tokens_per_s": [round(rate, 1) for rate in self.round_rates],
+            "round_ttft_p50_ms": [round(ttft * 1000, 2) for ttft in self.round_ttfts],
+        }
+
+
+def messages(prompt: str) -> list[dict]:
+    return [{"role": "user", "content": prompt}]
+
+
+class Library:
+    """(a): the client library, straight to the endpoint."""
+
+    def __init__(self, endpoint: client.AsyncClient, tokens: int):
+        self.endpoint = endpoint
+        self.sampling = {"temperature": 0, "max_tokens": tokens, "ignore_eos": True}
+
+    async def run(self, prompt: str, keep_text: bool) -> Stream:
+        started = time.monotonic()
+        first, pieces = None, []
+        stream = await self.endpoint.stream(
+            messages=messages(prompt), sampling_params=self.sampling
+        )
+        async with stream:
+            async for text in stream:
+                first = first or time.monotonic()
+                pieces.append(text)
+        tokens = stream.completion.usage.completion_tokens
+        return Stream(first - started, tokens, "".join(pieces) if keep_text else None)
+
+
+class Gateway:
+    """(b): the OpenAI SDK, through the gateway."""
+
+    def __init__(self, sdk: openai.AsyncOpenAI, model: str, tokens: int):
+        self.sdk, self.model, self.tokens = sdk, model, tokens
+
+    async def run(self, prompt: str, keep_text: bool) -> Stream:
+        started = time.monotonic()
+        first, pieces, tokens = None, [], 0
+        stream = await self.sdk.chat.completions.create(
+            model=self.model,
+            messages=messages(prompt),
+            max_tokens=self.tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        async for chunk in stream:
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+            text = chunk.choices[0].delta.content if chunk.choices else None
+            if text:
+                first = first or time.monotonic()
+                pieces.append(text)
+        return Stream(first - started, tokens, "".join(pieces) if keep_text else None)
+
+
+async def run_round(variant, prompts: list[str], concurrency: int, level: Level) -> None:
+    """Every prompt once, `concurrency` streams at a time; adds to `level`."""
+    queue = iter(enumerate(prompts))
+
+    async def caller() -> list[tuple[int, Stream]]:
+        done = []
+        for index, prompt in queue:  # shared: each prompt goes to one caller
+            done.append((index, await variant.run(prompt, index < CHECKED_STREAMS)))
+        return done
+
+    started = time.monotonic()
+    results = await asyncio.gather(*(caller() for _ in range(concurrency)))
+    wall_s = time.monotonic() - started
+    streams = [stream for _, stream in sorted(itertools.chain(*results), key=lambda r: r[0])]
+    level.streams += streams
+    level.round_rates.append(sum(stream.tokens for stream in streams) / wall_s)
+    level.round_ttfts.append(percentile([stream.ttft_s for stream in streams], 50))
+
+
+def start_gateway(serving: Serving, key: str, log_path: Path) -> tuple[subprocess.Popen, str]:
+    env = {**os.environ, "RUNPOD_API_KEY": serving.endpoint.api_key, "ENCRYPTION_KEY": key}
+    env.pop("GATEWAY_API_KEY", None)
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "gateway.py"), "--base-url", serving.url, "--port", "0"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            process_group=0,  # this session, as local_endpoint.WorkerProcess explains
+        )
+    deadline = time.monotonic() + 60
+    while not (found := re.search(r"OpenAI base URL: (\S+)", log_path.read_text())):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"the gateway did not start; see {log_path}")
+        time.sleep(0.05)
+    return process, found.group(1)
+
+
+def compare(library: Level, gateway: Level, concurrency: int) -> dict:
+    paired = [b / a for a, b in zip(library.round_rates, gateway.round_rates, strict=True)]
+    added_ms = [
+        (b - a) * 1000 for a, b in zip(library.round_ttfts, gateway.round_ttfts, strict=True)
+    ]
+    ratio_ci, added_ci = median_ci(paired), median_ci(added_ms)
+    goals = {
+        f"TTFT added <= {GOAL_TTFT_ADDED_MS} ms": verdict(
+            *added_ci, lambda ms: ms <= GOAL_TTFT_ADDED_MS
+        )
+    }
+    if concurrency == GOAL_RATIO_LEVEL:
+        goals[f"(b)/(a) >= {GOAL_RATIO}"] = verdict(*ratio_ci, lambda r: r >= GOAL_RATIO)
+    return {
+        "pairs": len(paired),
+        "gateway_over_library": round(statistics.median(paired), 3),
+        "gateway_over_library_ci95": [_rounded(bound, 3) for bound in ratio_ci],
+        "ttft_p50_added_ms": round(statistics.median(added_ms), 2),
+        "ttft_p50_added_ms_ci95": [_rounded(bound, 2) for bound in added_ci],
+        "goals": goals,
+    }
+
+
+@dataclass
+class CpuClock:
+    """CPU seconds a process has used, less those of one of its threads."""
+
+    process: psutil.Process
+    but_thread: int | None = None
+
+    def seconds(self) -> float:
+        times = self.process.cpu_times()
+        spent = times.user + times.system
+        for thread in self.process.threads() if self.but_thread else ():
+            if thread.id == self.but_thread:
+                spent -= thread.user_time + thread.system_time
+        return spent
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def _interval(bounds: list[float | None], form: str) -> str:
+    return "[?]" if None in bounds else f"[{bounds[0]:{form}} to {bounds[1]:{form}}]"
+
+
+async def measure(serving: Serving, key: str, gateway_url: str, gateway_pid: int, args) -> dict:
+    count = max(max(args.concurrency) * args.streams_per_client, MIN_STREAMS)
+    prompts = [f"Stream {n}: the quick brown fox jumps over the lazy dog." for n in range(count)]
+    endpoint = client.AsyncClient(
+        base_url=serving.url, api_key=serving.endpoint.api_key, encryption_key=key
+    )
+    sdk = openai.AsyncOpenAI(base_url=gateway_url, api_key="unused", max_retries=0, timeout=600)
+    model = (await sdk.models.list()).data[0].id
+    variants = {
+        "library": Library(endpoint, args.tokens),
+        "gateway": Gateway(sdk, model, args.tokens),
+    }
+    # The loopback endpoint serves from a thread of this process: its CPU is
+    # RunPod's, not the caller's.
+    clocks = {
+        "caller": CpuClock(psutil.Process(), serving._thread.native_id),
+        "gateway": CpuClock(psutil.Process(gateway_pid)),
+    }
+    for variant in variants.values():  # warm-up
+        await run_round(variant, prompts[:8], 8, Level())
+    results = {}
+    try:
+        for concurrency in args.concurrency:
+            levels = {name: Level() for name in variants}
+            streams = max(concurrency * args.streams_per_client, MIN_STREAMS)
+            # CPU seconds of each process during each variant's rounds.
+            cpu_s = {(variant, process): 0.0 for variant in variants for process in clocks}
+            started, round_ = time.monotonic(), 0
+            while round_ < args.rounds or time.monotonic() - started < args.seconds:
+                for name in sorted(variants, reverse=round_ % 2 == 1):
+                    before = {key: clock.seconds() for key, clock in clocks.items()}
+                    await run_round(variants[name], prompts[:streams], concurrency, levels[name])
+                    for key, clock in clocks.items():
+                        cpu_s[name, key] += clock.seconds() - before[key]
+                round_ += 1
+            checked = [
+                [stream.text for stream in level.streams[:CHECKED_STREAMS]]
+                for level in levels.values()
+            ]
+            if checked[0] != checked[1]:
+                raise SystemExit(f"the gateway's texts differ from the library's at {concurrency}")
+            summaries = {name: level.summary() for name, level in levels.items()}
+            for name, level in levels.items():
+                tokens = sum(stream.tokens for stream in level.streams)
+                for key in clocks:
+                    summaries[name][f"{key}_cpu_us_per_token"] = round(
+                        cpu_s[name, key] / tokens * 1e6, 1
+                    )
+            results[concurrency] = {
+                **summaries,
+                **compare(levels["library"], levels["gateway"], concurrency),
+            }
+            print(f"  concurrency {concurrency}: done", file=sys.stderr)
+    finally:
+        await endpoint.aclose()
+        await sdk.close()
+    return results
+
+
+def report(results: dict, args) -> None:
+    head = (
+        f"{'C':>4} {'variant':8} {'tok/s':>9} {'TTFT p50':>9} {'p95':>8} "
+        f"{'CPU us/token':>20}   (b) against (a): medians of paired rounds, 95% intervals"
+    )
+    print(f"\n{args.tokens} tokens a stream, greedy; times in ms\n\n{head}\n{'-' * len(head)}")
+    for concurrency, level in results.items():
+        for name in ("library", "gateway"):
+            s = level[name]
+            beside = ""
+            if name == "gateway":
+                beside = (
+                    f"   (b)/(a) {level['gateway_over_library']:.3f} "
+                    f"{_interval(level['gateway_over_library_ci95'], '.3f')} of {level['pairs']}"
+                    f"  TTFT {level['ttft_p50_added_ms']:+.2f} "
+                    f"{_interval(level['ttft_p50_added_ms_ci95'], '+.2f')} ms"
+                )
+            cpu = f"{s['caller_cpu_us_per_token']:.0f}"
+            if name == "gateway":
+                cpu += f" + {s['gateway_cpu_us_per_token']:.0f} gateway"
+            print(
+                f"{concurrency:4d} {name:8} {s['tokens_per_s']:9.1f} {s['ttft_p50_ms']:9.2f} "
+                f"{s['ttft_p95_ms']:8.2f} {cpu:>20}{beside}"
+            )
+    print("\nGoals (met: all of the interval meets it; missed: none of it does):")
+    for concurrency, level in results.items():
+        statuses = "; ".join(f"{goal}: {status}" for goal, status in level["goals"].items())
+        print(f"{concurrency:>4}  {statuses}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concurrency", default="1,64", help="comma-separated levels")
+    parser.add_argument("--tokens", type=int, default=128, help="output tokens per stream")
+    parser.add_argument("--streams-per-client", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=10, help="least rounds of each a level")
+    parser.add_argument("--seconds", type=float, default=120, help="least time a level runs")
+    parser.add_argument("--json", type=Path, help="also write the result here")
+    args = parser.parse_args()
+    args.concurrency = [int(level) for level in args.concurrency.split(",")]
+
+    apply_offline_defaults(os.environ)
+    key = os.environ["ENCRYPTION_KEY"]
+    logs = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
+    with Serving(LocalEndpoint()) as serving:
+        worker = WorkerProcess(serving, os.environ, logs / "worker.log")
+        gateway = None
+        try:
+            worker.wait_ready(3600)
+            gateway, url = start_gateway(serving, key, logs / "gateway.log")
+            results = asyncio.run(measure(serving, key, url, gateway.pid, args))
+        finally:
+            if gateway is not None:
+                gateway.terminate()
+                gateway.wait(30)
+            worker.stop()
+
+    report(results, args)
+    result = {"tokens_per_stream": args.tokens, "levels": {str(c): v for c, v in results.items()}}
+    print(f"\nlogs: {logs}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
