@@ -58,6 +58,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -373,6 +374,8 @@ def serve_command(arguments: dict, port: int) -> list[str]:
             command.append(flag if value else "--no-" + flag[2:])
         elif isinstance(value, dict | list):
             command += [flag, json.dumps(value)]
+        elif dataclasses.is_dataclass(value):  # a vLLM config, e.g. structured outputs
+            command += [flag, json.dumps(dataclasses.asdict(value))]
         else:
             command += [flag, str(value)]
     # Its access log is a line per request that the worker does not write.
