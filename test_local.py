@@ -32,10 +32,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import channel
-import client
-import protocol
-from config import ConfigError, WorkerConfig
+import deps
+
+try:
+    deps.require("httpx", "pydantic", "cryptography")
+    import channel
+    import client
+    import protocol
+    from config import ConfigError, WorkerConfig
+except ModuleNotFoundError as missing:  # run with a Python that lacks the packages
+    deps.relaunch_in_venv(missing, __name__)
 
 TTFT_LIMIT_S = 5.0
 BOOT_TIMEOUT_S = 3600.0  # a cold start may download a large model first

@@ -33,6 +33,15 @@ def test_a_script_run_with_a_bare_python_starts_again_in_the_venv(bare_python):
     assert len(result.stdout.strip()) == 44  # a Fernet key
 
 
+@pytest.mark.parametrize("script", ["test_local.py", "gateway.py", "local_endpoint.py"])
+def test_every_printed_command_starts_again_in_the_venv(bare_python, script):
+    result = subprocess.run(
+        [bare_python, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: ")
+
+
 def test_without_a_venv_the_missing_package_and_the_fix_are_named(bare_python, tmp_path):
     for name in ("client.py", "deps.py", "channel.py", "protocol.py"):
         shutil.copy(ROOT / name, tmp_path / name)
