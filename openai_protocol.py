@@ -477,19 +477,23 @@ def joined(items: list[StreamItem]) -> StreamItem:
     )
 
 
-class ChatChunks:
-    """The chunks of one streamed chat completion."""
+class _Chunks:
+    """What every chunk of one stream repeats: its id, object, time and
+    model, and `usage: null` when the last chunk will carry the usage."""
+
+    OBJECT: ClassVar[str]
 
     def __init__(self, *, response_id: str, created: int, model: str, include_usage: bool):
-        self._head = {
-            "id": response_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-        }
+        self._head = {"id": response_id, "object": self.OBJECT, "created": created, "model": model}
         if include_usage:
             self._head["usage"] = None
         self.include_usage = include_usage
+
+
+class ChatChunks(_Chunks):
+    """The chunks of one streamed chat completion."""
+
+    OBJECT = "chat.completion.chunk"
 
     def opening(self) -> list[str]:
         return [self._chunk(ChoiceDelta(role="assistant", content=""))]
@@ -522,21 +526,12 @@ class ChatChunks:
         return _json(ChatCompletionChunk(**self._head, choices=[choice]))
 
 
-class TextChunks:
+class TextChunks(_Chunks):
     """The chunks of one streamed completion. OpenAI's own type says every
     choice has a finish_reason, but its streams send null until the last;
     so the chunks are built unvalidated (`model_construct`), shape for shape."""
 
-    def __init__(self, *, response_id: str, created: int, model: str, include_usage: bool):
-        self._head = {
-            "id": response_id,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-        }
-        if include_usage:
-            self._head["usage"] = None
-        self.include_usage = include_usage
+    OBJECT = "text_completion"
 
     def opening(self) -> list[str]:
         return []

@@ -1,4 +1,5 @@
-"""Helpers that run jobs through a Worker in-process and read their outputs."""
+"""Helpers that run jobs through a Worker in-process and read their outputs,
+and the tools the tests offer the model."""
 
 from __future__ import annotations
 
@@ -9,6 +10,37 @@ from protocol import StreamItem
 
 GREEDY = {"temperature": 0, "max_tokens": 24, "ignore_eos": True}
 _job_ids = itertools.count()
+
+# Two tools whose schemas constrain every argument, so that a forced call's
+# arguments can be checked against them.
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "enum": ["Paris", "Rome", "Oslo"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            },
+            "required": ["city", "days"],
+            "additionalProperties": False,
+        },
+    },
+}
+CLOCK = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "string", "pattern": "^[A-Z]{3}$"}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
+    },
+}
 
 
 async def run_job(worker, job_input) -> list[dict]:

@@ -25,7 +25,7 @@ import jsonschema
 import openai
 import pydantic
 import pytest
-from jobs import greedy_text
+from jobs import CLOCK, WEATHER, greedy_text
 
 import channel
 import local_endpoint
@@ -218,34 +218,6 @@ async def test_completions_of_a_prompt_string_streamed_and_whole(
     assert whole.usage.prompt_tokens == len(hf_tokenizer(prompt).input_ids)
 
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "enum": ["Paris", "Rome", "Oslo"]},
-                "days": {"type": "integer", "minimum": 1, "maximum": 7},
-            },
-            "required": ["city", "days"],
-            "additionalProperties": False,
-        },
-    },
-}
-CLOCK = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "parameters": {
-            "type": "object",
-            "properties": {"zone": {"type": "string", "pattern": "^[A-Z]{3}$"}},
-            "required": ["zone"],
-            "additionalProperties": False,
-        },
-    },
-}
 ASK = [{"role": "user", "content": "What is the weather in Paris this week?"}]
 
 

@@ -10,40 +10,12 @@ import re
 
 import jsonschema
 import pytest
-from jobs import only_error, open_all, run_job
+from jobs import CLOCK, WEATHER, only_error, open_all, run_job
 
 import protocol
 from protocol import ErrorCode
 
 GREEDY = {"temperature": 0, "max_tokens": 200}
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "enum": ["Paris", "Rome", "Oslo"]},
-                "days": {"type": "integer", "minimum": 1, "maximum": 7},
-            },
-            "required": ["city", "days"],
-            "additionalProperties": False,
-        },
-    },
-}
-CLOCK = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "parameters": {
-            "type": "object",
-            "properties": {"zone": {"type": "string", "pattern": "^[A-Z]{3}$"}},
-            "required": ["zone"],
-            "additionalProperties": False,
-        },
-    },
-}
 TOOLS = [WEATHER, CLOCK]
 ASK = [{"role": "user", "content": "What is the weather in Paris this week?"}]
 POINT = {
