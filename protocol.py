@@ -116,7 +116,9 @@ def _limit(name: str, value: int, limit: int) -> None:
 
 def _check_json_document(value: Any) -> Any:
     """A JSON document inside the request stays within MAX_JSON_BYTES and
-    MAX_JSON_DEPTH (measured before serializing, so no deep recursion)."""
+    MAX_JSON_DEPTH (measured before serializing, so no deep recursion), and
+    its integers within 64 bits: vLLM's engine process receives a schema
+    as msgpack, which cannot carry a larger one."""
     pending = [(value, 1)]
     while pending:
         node, depth = pending.pop()
@@ -124,6 +126,8 @@ def _check_json_document(value: Any) -> Any:
             _limit("MAX_JSON_DEPTH", depth, MAX_JSON_DEPTH)
             children = node.values() if isinstance(node, dict) else node
             pending += [(child, depth + 1) for child in children]
+        elif isinstance(node, int) and not -_INT64 - 1 <= node <= _INT64:
+            raise _refuse("a JSON document in the request has an integer beyond 64 bits")
     _limit("MAX_JSON_BYTES", len(json.dumps(value, separators=(",", ":"))), MAX_JSON_BYTES)
     return value
 

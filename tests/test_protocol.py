@@ -74,10 +74,28 @@ def test_schema_limits_are_refused_naming_the_limit(plaintext, limit):
             "a request field has a value it does not allow",
         ),
         (b'{"messages": [{"role": "user"}]}', "request lacks a required field"),
+        (
+            b'{"prompt": "a",'
+            b' "structured_output": {"json_schema": {"enum": [-9223372036854775809]}}}',
+            "a JSON document in the request has an integer beyond 64 bits",
+        ),
+        (
+            b'{"prompt": "a", "tools": [{"type": "function", "function": {"name": "f",'
+            b' "parameters": {"type": "object", "maxProperties": 18446744073709551616}}}]}',
+            "a JSON document in the request has an integer beyond 64 bits",
+        ),
     ],
 )
 def test_invalid_plaintext_is_refused_with_a_fixed_reason(plaintext, reason):
     assert refusal(plaintext).reason == reason
+
+
+def test_json_documents_may_hold_any_64_bit_integer():
+    schema = {"enum": [-(2**63), 2**63 - 1]}
+    request = protocol.parse_request(
+        json.dumps({"prompt": "a", "structured_output": {"json_schema": schema}}).encode()
+    )
+    assert request.structured_output.json_schema == schema
 
 
 def test_the_client_side_validation_names_the_problem():
