@@ -1,30 +1,34 @@
-"""What the gateway costs: the same streams through an OpenAI client and
-gateway.py, and through the client library, on the same loopback endpoint
-and real worker, side by side in one run.
+"""What the gateway costs: the same streams through gateway.py, and through
+the client library, on the same loopback endpoint and real worker, side by
+side in one run.
 
     .venv/bin/python bench/gateway.py [--concurrency 1,64] [--tokens 128]
 
   (a) library: `client.AsyncClient` streaming in this process;
-  (b) gateway: `python3 gateway.py --base-url ...` in its own process, as a
-               user runs it, streamed by `openai.AsyncOpenAI` in this one.
+  (b) http:    `python3 gateway.py --base-url ...` in its own process, as a
+               user runs it, streamed by plain HTTP (httpx reading the SSE
+               lines, as curl or any minimal caller would) in this one;
+  (c) sdk:     the same gateway, streamed by `openai.AsyncOpenAI`.
 
-Both send the same chat request (greedy, --tokens tokens, ignoring EOS)
-through the same client library code, one to the endpoint, one to the
-gateway. It serves a loopback endpoint and starts the real worker
-(`rp_handler.py`, MODELS unset: the tiny offline model), warms both up,
-then at each concurrency C runs rounds in which C callers stream back to
-back (C x --streams-per-client streams, at least 16), alternating (a) and
-(b), each first in turn, at least --rounds times each and until the level
-has run for --seconds. TTFT runs from the call to the first text the caller
-sees. Per variant: tokens/s of the median round (all its tokens over its
-wall time) and TTFT p50/p95; beside (b), the median over rounds of (b)'s
-tokens/s over (a)'s in the same round, and of (b)'s TTFT p50 minus (a)'s,
-each with its 95% confidence interval (bench/throughput.py says why paired
-rounds, and how the goals are judged); and the CPU time per token of the
-caller (this process, less the loopback endpoint's thread) and, in (b), of
-the gateway's process (in (a) the caller does the polling and decryption
-that the gateway does in (b)).
-The first 16 streams of each level must carry the same text in both. The
+All send the same chat request (greedy, --tokens tokens, ignoring EOS)
+through the same client library code, (a) to the endpoint, (b) and (c) to
+the gateway. (b) minus (a) is what the gateway adds, the goals' measure;
+(c) minus (b) is what the openai SDK itself costs its caller. It serves a
+loopback endpoint and starts the real worker (`rp_handler.py`, MODELS unset:
+the tiny offline model), warms all up, then at each concurrency C runs
+rounds in which C callers stream back to back (C x --streams-per-client
+streams, at least 16), the variants in turn, each first in turn, at least
+--rounds times each and until the level has run for --seconds. TTFT runs
+from the call to the first text the caller sees. Per variant: tokens/s of
+the median round (all its tokens over its wall time) and TTFT p50/p95;
+beside (b) and (c), the median over rounds of its tokens/s over (a)'s in
+the same round, and of its TTFT p50 minus (a)'s, each with its 95%
+confidence interval (bench/throughput.py says why paired rounds, and how
+the goals are judged); and the CPU time per token of the caller (this
+process, less the loopback endpoint's thread) and, in (b) and (c), of the
+gateway's process (in (a) the caller does the polling and decryption that
+the gateway does in the others).
+The first 16 streams of each level must carry the same text in all. The
 last line is the whole result as JSON (also written to --json).
 """
 
@@ -47,6 +51,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
+import httpx  # noqa: E402
 import openai  # noqa: E402
 import psutil  # noqa: E402
 from throughput import median_ci, percentile, verdict  # noqa: E402
@@ -57,6 +62,7 @@ from test_local import apply_offline_defaults  # noqa: E402
 
 CHECKED_STREAMS = 16
 MIN_STREAMS = 16
+VARIANTS = ("library", "http", "sdk")  # (a), (b), (c)
 # The issue's goals.
 GOAL_TTFT_ADDED_MS = 5.0  # (b)'s TTFT p50 over (a)'s, at every level
 GOAL_RATIO = 0.97  # (b)/(a) tokens/s, at GOAL_RATIO_LEVEL streams
@@ -116,8 +122,41 @@ class Library:
         return Stream(first - started, tokens, "".join(pieces) if keep_text else None)
 
 
-class Gateway:
-    """(b): the OpenAI SDK, through the gateway."""
+class Http:
+    """(b): plain HTTP, through the gateway."""
+
+    def __init__(self, http: httpx.AsyncClient, model: str, tokens: int):
+        self.http = http
+        self.body = {
+            "model": model,
+            "max_tokens": tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "ignore_eos": True,
+        }
+
+    async def run(self, prompt: str, keep_text: bool) -> Stream:
+        started = time.monotonic()
+        first, pieces, tokens = None, [], 0
+        body = {**self.body, "messages": messages(prompt)}
+        async with self.http.stream("POST", "chat/completions", json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue  # blank separators, and [DONE]
+                chunk = json.loads(line[len("data: ") :])
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                text = chunk["choices"][0]["delta"].get("content") if chunk["choices"] else None
+                if text:
+                    first = first or time.monotonic()
+                    pieces.append(text)
+        return Stream(first - started, tokens, "".join(pieces) if keep_text else None)
+
+
+class Sdk:
+    """(c): the OpenAI SDK, through the gateway."""
 
     def __init__(self, sdk: openai.AsyncOpenAI, model: str, tokens: int):
         self.sdk, self.model, self.tokens = sdk, model, tokens
@@ -182,23 +221,25 @@ def start_gateway(serving: Serving, key: str, log_path: Path) -> tuple[subproces
     return process, found.group(1)
 
 
-def compare(library: Level, gateway: Level, concurrency: int) -> dict:
+def compare(library: Level, gateway: Level, concurrency: int, judged: bool) -> dict:
+    """`gateway` against `library`, round by round; against the goals if
+    `judged`."""
     paired = [b / a for a, b in zip(library.round_rates, gateway.round_rates, strict=True)]
     added_ms = [
         (b - a) * 1000 for a, b in zip(library.round_ttfts, gateway.round_ttfts, strict=True)
     ]
     ratio_ci, added_ci = median_ci(paired), median_ci(added_ms)
-    goals = {
-        f"TTFT added <= {GOAL_TTFT_ADDED_MS} ms": verdict(
+    goals = {}
+    if judged:
+        goals[f"TTFT added <= {GOAL_TTFT_ADDED_MS} ms"] = verdict(
             *added_ci, lambda ms: ms <= GOAL_TTFT_ADDED_MS
         )
-    }
-    if concurrency == GOAL_RATIO_LEVEL:
+    if judged and concurrency == GOAL_RATIO_LEVEL:
         goals[f"(b)/(a) >= {GOAL_RATIO}"] = verdict(*ratio_ci, lambda r: r >= GOAL_RATIO)
     return {
         "pairs": len(paired),
-        "gateway_over_library": round(statistics.median(paired), 3),
-        "gateway_over_library_ci95": [_rounded(bound, 3) for bound in ratio_ci],
+        "over_library": round(statistics.median(paired), 3),
+        "over_library_ci95": [_rounded(bound, 3) for bound in ratio_ci],
         "ttft_p50_added_ms": round(statistics.median(added_ms), 2),
         "ttft_p50_added_ms_ci95": [_rounded(bound, 2) for bound in added_ci],
         "goals": goals,
@@ -236,10 +277,14 @@ async def measure(serving: Serving, key: str, gateway_url: str, gateway_pid: int
         base_url=serving.url, api_key=serving.endpoint.api_key, encryption_key=key
     )
     sdk = openai.AsyncOpenAI(base_url=gateway_url, api_key="unused", max_retries=0, timeout=600)
+    http = httpx.AsyncClient(
+        base_url=gateway_url + "/", timeout=600, limits=httpx.Limits(max_connections=None)
+    )
     model = (await sdk.models.list()).data[0].id
     variants = {
         "library": Library(endpoint, args.tokens),
-        "gateway": Gateway(sdk, model, args.tokens),
+        "http": Http(http, model, args.tokens),
+        "sdk": Sdk(sdk, model, args.tokens),
     }
     # The loopback endpoint serves from a thread of this process: its CPU is
     # RunPod's, not the caller's.
@@ -258,7 +303,8 @@ async def measure(serving: Serving, key: str, gateway_url: str, gateway_pid: int
             cpu_s = {(variant, process): 0.0 for variant in variants for process in clocks}
             started, round_ = time.monotonic(), 0
             while round_ < args.rounds or time.monotonic() - started < args.seconds:
-                for name in sorted(variants, reverse=round_ % 2 == 1):
+                turn = round_ % len(VARIANTS)
+                for name in VARIANTS[turn:] + VARIANTS[:turn]:
                     before = {key: clock.seconds() for key, clock in clocks.items()}
                     await run_round(variants[name], prompts[:streams], concurrency, levels[name])
                     for key, clock in clocks.items():
@@ -268,7 +314,7 @@ async def measure(serving: Serving, key: str, gateway_url: str, gateway_pid: int
                 [stream.text for stream in level.streams[:CHECKED_STREAMS]]
                 for level in levels.values()
             ]
-            if checked[0] != checked[1]:
+            if any(texts != checked[0] for texts in checked):
                 raise SystemExit(f"the gateway's texts differ from the library's at {concurrency}")
             summaries = {name: level.summary() for name, level in levels.items()}
             for name, level in levels.items():
@@ -277,44 +323,47 @@ async def measure(serving: Serving, key: str, gateway_url: str, gateway_pid: int
                     summaries[name][f"{key}_cpu_us_per_token"] = round(
                         cpu_s[name, key] / tokens * 1e6, 1
                     )
-            results[concurrency] = {
-                **summaries,
-                **compare(levels["library"], levels["gateway"], concurrency),
-            }
+            for name in ("http", "sdk"):
+                summaries[name]["against_library"] = compare(
+                    levels["library"], levels[name], concurrency, judged=name == "http"
+                )
+            results[concurrency] = summaries
             print(f"  concurrency {concurrency}: done", file=sys.stderr)
     finally:
         await endpoint.aclose()
         await sdk.close()
+        await http.aclose()
     return results
 
 
 def report(results: dict, args) -> None:
     head = (
         f"{'C':>4} {'variant':8} {'tok/s':>9} {'TTFT p50':>9} {'p95':>8} "
-        f"{'CPU us/token':>20}   (b) against (a): medians of paired rounds, 95% intervals"
+        f"{'CPU us/token':>20}   against (a): medians of paired rounds, 95% intervals"
     )
     print(f"\n{args.tokens} tokens a stream, greedy; times in ms\n\n{head}\n{'-' * len(head)}")
     for concurrency, level in results.items():
-        for name in ("library", "gateway"):
+        for name in VARIANTS:
             s = level[name]
             beside = ""
-            if name == "gateway":
+            if against := s.get("against_library"):
                 beside = (
-                    f"   (b)/(a) {level['gateway_over_library']:.3f} "
-                    f"{_interval(level['gateway_over_library_ci95'], '.3f')} of {level['pairs']}"
-                    f"  TTFT {level['ttft_p50_added_ms']:+.2f} "
-                    f"{_interval(level['ttft_p50_added_ms_ci95'], '+.2f')} ms"
+                    f"   /(a) {against['over_library']:.3f} "
+                    f"{_interval(against['over_library_ci95'], '.3f')} of {against['pairs']}"
+                    f"  TTFT {against['ttft_p50_added_ms']:+.2f} "
+                    f"{_interval(against['ttft_p50_added_ms_ci95'], '+.2f')} ms"
                 )
             cpu = f"{s['caller_cpu_us_per_token']:.0f}"
-            if name == "gateway":
+            if name != "library":
                 cpu += f" + {s['gateway_cpu_us_per_token']:.0f} gateway"
             print(
                 f"{concurrency:4d} {name:8} {s['tokens_per_s']:9.1f} {s['ttft_p50_ms']:9.2f} "
                 f"{s['ttft_p95_ms']:8.2f} {cpu:>20}{beside}"
             )
-    print("\nGoals (met: all of the interval meets it; missed: none of it does):")
+    print("\nGoals, (b) against (a) (met: all of the interval meets it; missed: none of it does):")
     for concurrency, level in results.items():
-        statuses = "; ".join(f"{goal}: {status}" for goal, status in level["goals"].items())
+        goals = level["http"]["against_library"]["goals"]
+        statuses = "; ".join(f"{goal}: {status}" for goal, status in goals.items())
         print(f"{concurrency:>4}  {statuses}")
 
 
