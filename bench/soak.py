@@ -34,10 +34,11 @@ listed:
   WORKER_STOPPED by the stopped worker, lost with the killed worker)
   streamed a prefix of it; a fuzzed job FAILED with its family's code,
   unless its worker stopped or was lost first, and never COMPLETED;
-- workers: WORKER_STOPPED only from the worker that got SIGTERM, "lost with
-  their worker" (FAILED with `worker lost: ...`, no code of ours) only from
-  the killed one; the stopped workers exit 0 within STOP_GRACE_S + 30 s,
-  logging `worker stopped {"reason": "SIGTERM"}`; no worker exits unasked;
+- workers: one worker got SIGTERM and one SIGKILL, midway; WORKER_STOPPED
+  only from the worker that got SIGTERM, "lost with their worker" (FAILED
+  with `worker lost: ...`, no code of ours) only from the killed one; the
+  stopped workers exit 0 within STOP_GRACE_S + 30 s, logging `worker
+  stopped {"reason": "SIGTERM"}`; no worker exits unasked;
 - logs: no job has more than one `job done` line in all the workers' logs
   (no job ran twice, or on two workers); a COMPLETED or FAILED job has its
   line in the log of the worker RunPod says ran it, with the same outcome
@@ -47,8 +48,10 @@ listed:
   loop's "Job stopped before it started", when the stop came first);
 - privacy: no worker log and no job's error holds the canary, a key or a
   Fernet token;
-- processes: no process of any worker (VLLM::EngineCore, VLLM::Worker, the
-  SDK's heartbeat) is left.
+- processes: a worker that exits leaves no process of its tree running
+  (VLLM::EngineCore, VLLM::Worker, the SDK's heartbeat), looked for before
+  anything kills the rest of its process group; and none is left at the
+  end.
 
 Figures: jobs by kind, outcomes by status and code (and by kind), the jobs
 lost with their worker, cancels, TTFT p50/p99 of the valid jobs that
@@ -79,7 +82,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -127,8 +130,16 @@ class Answer:
         return self.completion_tokens is not None
 
     def starts(self, truth: Answer) -> bool:
-        """Whether this partial answer is the beginning of `truth`."""
-        return truth.text.startswith(self.text)
+        """Whether this partial answer is the beginning of `truth`: its text,
+        and its tool calls (the last one's arguments may be cut short)."""
+        if len(self.tool_calls) > len(truth.tool_calls):
+            return False
+        return truth.text.startswith(self.text) and all(
+            name == true_name and true_arguments.startswith(arguments)
+            for (name, arguments), (true_name, true_arguments) in zip(
+                self.tool_calls, truth.tool_calls, strict=False
+            )
+        )
 
 
 def answer_of(items: list[StreamItem]) -> Answer:
@@ -216,6 +227,7 @@ class WorkerRun:
     exit_code: int | None = None
     exit_s: float | None = None  # from the signal to the exit
     peak_rss: int = 0
+    tree: set[psutil.Process] = field(default_factory=set)  # every process it ever held
 
 
 class Fleet:
@@ -225,7 +237,6 @@ class Fleet:
     def __init__(self, serving: Serving, env: dict[str, str], log_dir: Path, grace_s: float):
         self.serving, self.env, self.log_dir, self.grace_s = serving, env, log_dir, grace_s
         self.runs: list[WorkerRun] = []
-        self.seen: set[psutil.Process] = set()
         self.peak_rss = 0  # of all the workers' trees at once
         self.driver_peak_rss = 0
         self._stop = threading.Event()
@@ -245,13 +256,15 @@ class Fleet:
         await asyncio.to_thread(run.process.wait_ready, timeout_s)
         run.ready_s = time.monotonic() - run.started
 
-    def sigterm(self, run: WorkerRun) -> None:
-        run.ending, run.signalled = "SIGTERM", time.monotonic()
+    def sigterm(self, run: WorkerRun, ending: str = "SIGTERM") -> None:
+        run.ending, run.signalled = ending, time.monotonic()
+        _add_tree(run)
         run.process.process.send_signal(signal.SIGTERM)
 
     def sigkill(self, run: WorkerRun) -> None:
         """A crash: the worker and its engine's processes at once."""
         run.ending, run.signalled = "SIGKILL", time.monotonic()
+        _add_tree(run)
         os.killpg(run.process.process.pid, signal.SIGKILL)
 
     async def exited(self, run: WorkerRun, timeout_s: float) -> int | None:
@@ -262,27 +275,29 @@ class Fleet:
         run.exit_s = time.monotonic() - run.signalled
         return run.exit_code
 
-    async def stop(self, run: WorkerRun) -> int:
-        """As `docker stop`: SIGTERM, SIGKILL if it outlasts its grace."""
-        run.ending, run.signalled = "stop", time.monotonic()
-        run.exit_code = await asyncio.to_thread(run.process.stop, self.grace_s + EXIT_WAIT_S)
-        run.exit_s = time.monotonic() - run.signalled
-        return run.exit_code
+    async def stop(self, run: WorkerRun) -> None:
+        """As `docker stop`, but for the kill: SIGTERM, and wait out its
+        grace; the caller looks for what it left before `close` kills it."""
+        self.sigterm(run, ending="stop")
+        await self.exited(run, self.grace_s + EXIT_WAIT_S)
 
     def unasked_exits(self) -> list[WorkerRun]:
         return [r for r in self.runs if r.ending is None and r.process.process.poll() is not None]
 
     def close(self) -> None:
-        """Ends every worker still running, whatever happened before."""
+        """Ends every worker still running, whatever happened before: SIGKILL
+        to its process group once its grace is over."""
         for run in self.runs:
             run.process.stop(timeout_s=self.grace_s + EXIT_WAIT_S)
         self._stop.set()
         self._sampler.join()
 
-    def leftovers(self) -> list[str]:
-        """Processes of the workers' trees still running, once those killed
-        last had time to die (an engine process frees gigabytes first)."""
-        _, alive = psutil.wait_procs(list(self.seen), timeout=LEFTOVER_WAIT_S)
+    def leftovers(self, runs: list[WorkerRun] | None = None) -> list[str]:
+        """Processes of these workers' trees (all: None) still running, once
+        those that ended had time to die (an engine frees gigabytes first)."""
+        # list(): one step under the interpreter lock, though the sampler adds.
+        tree = [p for run in self.runs if runs is None or run in runs for p in list(run.tree)]
+        _, alive = psutil.wait_procs(tree, timeout=LEFTOVER_WAIT_S)
         left = []
         for process in alive:
             with contextlib.suppress(psutil.Error):
@@ -298,18 +313,25 @@ class Fleet:
                 if run.process.process.poll() is not None:
                     continue
                 rss = 0
-                with contextlib.suppress(psutil.Error):
-                    root = psutil.Process(run.process.process.pid)
-                    tree = [root, *root.children(recursive=True)]
-                    self.seen.update(tree)
-                    for process in tree:
-                        with contextlib.suppress(psutil.Error):
-                            rss += process.memory_info().rss
+                for process in _add_tree(run):
+                    with contextlib.suppress(psutil.Error):
+                        rss += process.memory_info().rss
                 run.peak_rss = max(run.peak_rss, rss)
                 total += rss
             self.peak_rss = max(self.peak_rss, total)
             with contextlib.suppress(psutil.Error):
                 self.driver_peak_rss = max(self.driver_peak_rss, driver.memory_info().rss)
+
+
+def _add_tree(run: WorkerRun) -> list[psutil.Process]:
+    """The worker's process tree now, added to `run.tree`."""
+    try:
+        root = psutil.Process(run.process.process.pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.Error:  # it has just exited
+        return []
+    run.tree.update(tree)
+    return tree
 
 
 # --- The soak ------------------------------------------------------------------------
@@ -367,7 +389,8 @@ class Soak:
     async def until(self, condition: Callable[[], bool]) -> bool:
         """Wait for `condition`; False if the soak stops first."""
         while not condition():
-            if self.stopping or time.monotonic() > self.deadline:
+            load_ended = self.load_task is not None and self.load_task.done()
+            if self.stopping or load_ended or time.monotonic() > self.deadline:
                 return False
             await asyncio.sleep(0.1)
         return True
@@ -399,6 +422,7 @@ class Soak:
             if current.process.process.poll() is None and current.ending is None:
                 await fleet.stop(current)
                 self._check_stopped_exit(current)
+                await self._check_left_nothing(current)
         except TimeoutError:
             self.fail("complete", f"jobs still in flight {DRAIN_S:.0f} s after the deadline")
         finally:
@@ -418,6 +442,7 @@ class Soak:
             self._boot(new), self.fleet.exited(old, self.args.stop_grace + EXIT_WAIT_S)
         )
         check_exit(old)
+        await self._check_left_nothing(old)
         if booted:
             self.takeovers.append((signalled, time.monotonic()))
 
@@ -427,12 +452,16 @@ class Soak:
             self.fail("workers", f"{run.id} had not exited {limit:.0f} s after SIGTERM")
         elif run.exit_code != 0:
             self.fail("workers", f"{run.id} exited {run.exit_code} after SIGTERM (0 expected)")
-        elif run.exit_s > limit:
-            self.fail("workers", f"{run.id} took {run.exit_s:.1f} s to stop (over {limit:.0f} s)")
         if 'worker stopped {"reason": "SIGTERM"}' not in run.process.log_path.read_text(
             errors="replace"
         ):
             self.fail("workers", f"{run.id} did not log its stop for SIGTERM")
+
+    async def _check_left_nothing(self, run: WorkerRun) -> None:
+        if run.exit_code is None:
+            return  # still running: nothing to look for yet
+        for process in await asyncio.to_thread(self.fleet.leftovers, [run]):
+            self.fail("processes", f"{run.id} exited and left {process} running")
 
     def _check_killed_exit(self, run: WorkerRun) -> None:
         if run.exit_code != -signal.SIGKILL:
@@ -589,6 +618,16 @@ class Audit:
         runs = soak.fleet.runs
         self.stopped = {run.id for run in runs if run.ending == "SIGTERM"}
         self.killed = {run.id for run in runs if run.ending == "SIGKILL"}
+        if (len(self.stopped), len(self.killed)) != (1, 1):
+            self.fail(
+                "workers",
+                f"{len(self.stopped)} workers got SIGTERM and {len(self.killed)} SIGKILL "
+                "midway (1 and 1 planned)",
+            )
+        for run in runs:
+            if run.ending is None:  # it exited between two looks of the watch
+                code = run.process.process.returncode
+                self.fail("workers", f"{run.id} ended, but not by the soak (status {code})")
         self.logs = {run.id: run.process.log_path.read_text(errors="replace") for run in runs}
         self.lines: dict[str, list[tuple[str, dict]]] = collections.defaultdict(list)
         for worker_id, log in self.logs.items():
@@ -636,7 +675,7 @@ class Audit:
         where = f"job {result.job_id} ({_name(result)})"
         cut_short = code is ErrorCode.WORKER_STOPPED or result.lost_with_worker
         if kind == "fuzzed":
-            expected = self.soak.fuzzer.families[result.planned.name][0]
+            expected = self.soak.fuzzer.families[result.planned.name].code
             if status == "COMPLETED":
                 self.fail("answers", f"{where} COMPLETED")
             elif not (status == "FAILED" and (code is expected or cut_short)):
@@ -644,13 +683,13 @@ class Audit:
             return
         truth = self.soak.truth[result.planned.name]
         if status == "COMPLETED":
-            if result.streamed != truth and result.planned.kind == "valid":
+            if result.streamed != truth and kind == "valid":
                 self.fail("answers", f"{where} streamed another answer than the truth")
             if result.stored != truth:
                 self.fail("answers", f"{where} is stored with another answer than the truth")
         elif status == "CANCELLED" and kind != "cancelled":
             self.fail("answers", f"{where} was cancelled ({result.client_error})")
-        elif status not in ("COMPLETED", "CANCELLED") and not cut_short:
+        elif status != "CANCELLED" and not cut_short:
             self.fail("answers", f"{where} ended {result.outcome}")
         if result.streamed is not None and not result.streamed.starts(truth):
             self.fail("answers", f"{where} streamed text that is not the truth's")

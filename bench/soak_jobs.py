@@ -25,7 +25,7 @@ import string
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from cryptography.fernet import Fernet
 
@@ -183,8 +183,6 @@ class FuzzCase:
     or `request` sent through the client (valid to the schema, refused by
     the engine)."""
 
-    family: str
-    code: ErrorCode  # what it must fail with
     job_input: Any = None
     request: dict[str, Any] | None = None
 
@@ -265,27 +263,35 @@ def _deep(depth: int) -> dict[str, Any]:
     return node
 
 
+_USER = {"role": "user", "content": CANARY}
+_OVER_A_LIMIT = [
+    {"prompt": f"{CANARY} " + "word " * 600},  # longer than the model's context
+    {"prompt": CANARY, "sampling_params": {"max_tokens": 2**62}},
+    {"prompt": CANARY, "sampling_params": {"stop": [CANARY] * (protocol.MAX_STOP_STRINGS + 1)}},
+    {"prompt": CANARY, "sampling_params": {"logprobs": protocol.MAX_LOGPROBS + 1}},
+    {"prompt": CANARY, "sampling_params": {"n": 2}},
+    {"messages": [_USER] * (protocol.MAX_MESSAGES + 1)},
+    {"messages": [_USER], "tools": [_tool("lookup", True), _tool("lookup", False)]},
+    {"prompt": CANARY, "structured_output": {"json_schema": _deep(protocol.MAX_JSON_DEPTH)}},
+    {"messages": [_USER], "chat_template_kwargs": {"tools": CANARY}},
+]
+
+
 def _over_a_limit(rng: random.Random) -> dict[str, Any]:
-    user = {"role": "user", "content": CANARY}
-    cases = [
-        {"prompt": f"{CANARY} " + "word " * 600},  # longer than the model's context
-        {"prompt": CANARY, "sampling_params": {"max_tokens": 2**62}},
-        {"prompt": CANARY, "sampling_params": {"stop": [CANARY] * (protocol.MAX_STOP_STRINGS + 1)}},
-        {"prompt": CANARY, "sampling_params": {"logprobs": protocol.MAX_LOGPROBS + 1}},
-        {"prompt": CANARY, "sampling_params": {"n": 2}},
-        {"messages": [user] * (protocol.MAX_MESSAGES + 1)},
-        {"messages": [user], "tools": [_tool("lookup", True), _tool("lookup", False)]},
-        {"prompt": CANARY, "structured_output": {"json_schema": _deep(protocol.MAX_JSON_DEPTH)}},
-        {"messages": [user], "chat_template_kwargs": {"tools": CANARY}},
-    ]
     if rng.random() < 0.02:
         # A ciphertext past MAX_REQUEST_BYTES (4 MiB), still under /run's 10 MB.
         return {"prompt": CANARY + "x" * (7 * 2**19)}
-    return rng.choice(cases)
+    return rng.choice(_OVER_A_LIMIT)
 
 
 _ENGINE_REFUSES = [{"regex": f"({CANARY}"}, {"json_schema": {"type": CANARY}},
                    {"grammar": f"root ::= {CANARY}"}]  # fmt: skip
+
+
+class Family(NamedTuple):
+    code: ErrorCode  # what its jobs must fail with
+    weight: int  # its share of the fuzzed jobs
+    make: Callable[[random.Random], FuzzCase]
 
 
 class Fuzzer:
@@ -295,50 +301,44 @@ class Fuzzer:
     def __init__(self, key: str):
         self.fernet = Fernet(key)
         self.stranger = Fernet(channel.generate_key())  # a key the worker lacks
-        self.families: dict[str, tuple[ErrorCode, int, Callable[[random.Random], FuzzCase]]] = {
-            # family: (code, weight, maker)
-            "job input": (ErrorCode.INVALID_INPUT, 3, self._job_input),
-            "openai route": (ErrorCode.INVALID_INPUT, 1, self._openai_route),
-            "random ciphertext": (ErrorCode.DECRYPTION_FAILED, 2, self._random_ciphertext),
-            "truncated token": (ErrorCode.DECRYPTION_FAILED, 2, self._truncated),
-            "bit-flipped token": (ErrorCode.DECRYPTION_FAILED, 2, self._bit_flipped),
-            "another key": (ErrorCode.DECRYPTION_FAILED, 1, self._another_key),
-            "expired token": (ErrorCode.TOKEN_EXPIRED, 1, self._expired),
-            "invalid plaintext": (ErrorCode.INVALID_INPUT, 3, self._invalid_plaintext),
-            "wrong field": (ErrorCode.INVALID_INPUT, 3, self._wrong_field),
-            "over a limit": (ErrorCode.INVALID_INPUT, 2, self._over_a_limit),
-            "engine refuses": (ErrorCode.INVALID_INPUT, 1, self._engine_refuses),
+        request = protocol.validate_request(prompt=CANARY, sampling_params=greedy(8))
+        # What a valid token seals, as the client pads it.
+        self.valid_plaintext = channel.pad_request(
+            request.model_dump_json(exclude_defaults=True).encode()
+        )
+        self.families = {
+            "job input": Family(ErrorCode.INVALID_INPUT, 3, self._job_input),
+            "openai route": Family(ErrorCode.INVALID_INPUT, 1, self._openai_route),
+            "random ciphertext": Family(ErrorCode.DECRYPTION_FAILED, 2, self._random_ciphertext),
+            "truncated token": Family(ErrorCode.DECRYPTION_FAILED, 2, self._truncated),
+            "bit-flipped token": Family(ErrorCode.DECRYPTION_FAILED, 2, self._bit_flipped),
+            "another key": Family(ErrorCode.DECRYPTION_FAILED, 1, self._another_key),
+            "expired token": Family(ErrorCode.TOKEN_EXPIRED, 1, self._expired),
+            "invalid plaintext": Family(ErrorCode.INVALID_INPUT, 3, self._invalid_plaintext),
+            "wrong field": Family(ErrorCode.INVALID_INPUT, 3, self._wrong_field),
+            "over a limit": Family(ErrorCode.INVALID_INPUT, 2, self._over_a_limit),
+            "engine refuses": Family(ErrorCode.INVALID_INPUT, 1, self._engine_refuses),
         }
 
     def pick_family(self, rng: random.Random) -> str:
         names = list(self.families)
-        return rng.choices(names, weights=[self.families[name][1] for name in names])[0]
+        return rng.choices(names, weights=[self.families[name].weight for name in names])[0]
 
     def make(self, family: str, seed: int) -> FuzzCase:
-        return self.families[family][2](random.Random(seed))
-
-    def _case(self, family: str, **case: Any) -> FuzzCase:
-        return FuzzCase(family, self.families[family][0], **case)
-
-    def _valid_plaintext(self) -> bytes:
-        request = protocol.validate_request(prompt=CANARY, sampling_params=greedy(8))
-        return channel.pad_request(request.model_dump_json(exclude_defaults=True).encode())
+        return self.families[family].make(random.Random(seed))
 
     def _token(self) -> str:
-        return self.fernet.encrypt(self._valid_plaintext()).decode()
+        return self.fernet.encrypt(self.valid_plaintext).decode()
 
     def _job_input(self, rng: random.Random) -> FuzzCase:
         value = random_json(rng)
         if isinstance(value, dict) and set(value) == {"ciphertext"}:
             value["ciphertext"] = rng.choice([None, 1, [CANARY], {"t": CANARY}])
-        return self._case("job input", job_input=value)
+        return FuzzCase(job_input=value)
 
     def _openai_route(self, rng: random.Random) -> FuzzCase:
         body = {"messages": [{"role": "user", "content": CANARY}], "model": _text(rng)}
-        return self._case(
-            "openai route",
-            job_input={"openai_route": "/v1/chat/completions", "openai_input": body},
-        )
+        return FuzzCase(job_input={"openai_route": "/v1/chat/completions", "openai_input": body})
 
     def _random_ciphertext(self, rng: random.Random) -> FuzzCase:
         forms = [
@@ -347,40 +347,38 @@ class Fuzzer:
             lambda: CANARY,
             lambda: "gAAAAA" + base64.urlsafe_b64encode(CANARY.encode() * 4).decode(),
         ]
-        return self._case("random ciphertext", job_input={"ciphertext": rng.choice(forms)()})
+        return FuzzCase(job_input={"ciphertext": rng.choice(forms)()})
 
     def _truncated(self, rng: random.Random) -> FuzzCase:
         token = self._token()
-        return self._case(
-            "truncated token", job_input={"ciphertext": token[: rng.randrange(len(token))]}
-        )
+        return FuzzCase(job_input={"ciphertext": token[: rng.randrange(len(token))]})
 
     def _bit_flipped(self, rng: random.Random) -> FuzzCase:
         raw = bytearray(base64.urlsafe_b64decode(self._token()))
         raw[rng.randrange(len(raw))] ^= 1 << rng.randrange(8)
         token = base64.urlsafe_b64encode(bytes(raw)).decode()
-        return self._case("bit-flipped token", job_input={"ciphertext": token})
+        return FuzzCase(job_input={"ciphertext": token})
 
     def _another_key(self, _rng: random.Random) -> FuzzCase:
-        token = self.stranger.encrypt(self._valid_plaintext()).decode()
-        return self._case("another key", job_input={"ciphertext": token})
+        token = self.stranger.encrypt(self.valid_plaintext).decode()
+        return FuzzCase(job_input={"ciphertext": token})
 
     def _expired(self, _rng: random.Random) -> FuzzCase:
         issued = int(time.time()) - 2 * DEFAULT_ENCRYPTION_TTL_S
-        token = self.fernet.encrypt_at_time(self._valid_plaintext(), issued).decode()
-        return self._case("expired token", job_input={"ciphertext": token})
+        token = self.fernet.encrypt_at_time(self.valid_plaintext, issued).decode()
+        return FuzzCase(job_input={"ciphertext": token})
 
-    def _sealed(self, family: str, plaintext: bytes) -> FuzzCase:
-        return self._case(family, job_input={"ciphertext": self.fernet.encrypt(plaintext).decode()})
+    def _sealed(self, plaintext: bytes) -> FuzzCase:
+        return FuzzCase(job_input={"ciphertext": self.fernet.encrypt(plaintext).decode()})
 
     def _invalid_plaintext(self, rng: random.Random) -> FuzzCase:
-        return self._sealed("invalid plaintext", _invalid(rng, _plaintext, _UNKNOWN_FIELD))
+        return self._sealed(_invalid(rng, _plaintext, _UNKNOWN_FIELD))
 
     def _wrong_field(self, rng: random.Random) -> FuzzCase:
-        return self._sealed("wrong field", _invalid(rng, _wrong_field, _UNKNOWN_FIELD))
+        return self._sealed(_invalid(rng, _wrong_field, _UNKNOWN_FIELD))
 
     def _over_a_limit(self, rng: random.Random) -> FuzzCase:
-        return self._sealed("over a limit", json.dumps(_over_a_limit(rng)).encode())
+        return self._sealed(json.dumps(_over_a_limit(rng)).encode())
 
     def _engine_refuses(self, rng: random.Random) -> FuzzCase:
         request = {
@@ -388,4 +386,4 @@ class Fuzzer:
             "structured_output": rng.choice(_ENGINE_REFUSES),
             "sampling_params": greedy(8),
         }
-        return self._case("engine refuses", request=request)
+        return FuzzCase(request=request)
