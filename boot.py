@@ -266,9 +266,10 @@ class BootReport:
     def watch_vllm(self) -> None:
         """Routes this process's stdout and stderr, and so those of the
         engine processes it starts, through a pipe read by a thread that
-        writes each line on unchanged and reads the phases from it."""
+        writes each line on unchanged and reads the phases from it, until
+        `release_console` (at exit, whatever the path)."""
         read_end, write_end = os.pipe()
-        console = os.dup(1)
+        self._console = os.dup(1)
         for fd in (1, 2):
             os.dup2(write_end, fd)
         os.close(write_end)
@@ -276,7 +277,7 @@ class BootReport:
         def forward() -> None:
             with open(read_end, "rb", buffering=0) as pipe:
                 for line in iter(pipe.readline, b""):
-                    os.write(console, line)
+                    os.write(self._console, line)
                     try:
                         said = self.read(line.decode(errors="replace"))
                     except Exception:  # never stop forwarding: the worker would block
@@ -284,23 +285,21 @@ class BootReport:
                     if said:
                         # Straight to the console: through the pipe, this
                         # thread could block on the pipe it alone drains.
-                        os.write(console, f"INFO worker: boot: {said}\n".encode())
+                        os.write(self._console, f"INFO worker: boot: {said}\n".encode())
 
-        forwarder = threading.Thread(target=forward, name="vllm-log", daemon=True)
-        forwarder.start()
+        self._forwarder = threading.Thread(target=forward, name="vllm-log", daemon=True)
+        self._forwarder.start()
+        atexit.register(self.release_console)
 
-        def stop_watching() -> None:
-            # At exit, whatever the path: give the console back, so that the
-            # pipe ends once the engine's processes are gone, and let the
-            # thread pass on the last lines (an error, why the worker
-            # stopped) before the interpreter kills it.
-            for stream in (sys.stdout, sys.stderr):
-                stream.flush()
-            for fd in (1, 2):
-                os.dup2(console, fd)
-            forwarder.join(timeout=2.0)
-
-        atexit.register(stop_watching)
+    def release_console(self) -> None:
+        """Gives the console back, so that the pipe ends once the engine's
+        processes are gone, and lets the thread pass on the last lines (an
+        error, why the worker stopped) before the interpreter kills it."""
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        for fd in (1, 2):
+            os.dup2(self._console, fd)
+        self._forwarder.join(timeout=2.0)
 
     def ready_line(self) -> str:
         """`worker ready {...}`: every phase, and the total from process start."""

@@ -12,22 +12,29 @@ Rules:
   event loop and one engine.
 - SIGTERM (RunPod stopping the worker) is a normal stop: no new jobs, the
   jobs in hand get STOP_GRACE_S to finish, the engine shuts down, one
-  `worker stopped` line, exit 0. A dead engine makes the worker exit 1, so
-  that RunPod replaces it.
+  `worker stopped` line, exit 0. While it boots there are no jobs in hand:
+  the engine's processes are killed at once, then the same line and exit 0
+  (`BootStop`). A dead engine makes the worker exit 1, so that RunPod
+  replaces it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
+from collections.abc import Callable
 
 import deps
 
 try:
-    deps.require("pydantic", "cryptography", "huggingface_hub", "runpod", "vllm")
+    deps.require("pydantic", "cryptography", "huggingface_hub", "psutil", "runpod", "vllm")
+    import psutil  # vLLM's own dependency; light, unlike vLLM
+
     from config import ConfigError, WorkerConfig
 except ModuleNotFoundError as missing:  # run with a Python that lacks the packages
     deps.relaunch_in_venv(missing, __name__)
@@ -54,6 +61,50 @@ def _process_started() -> float:
         return time.monotonic()
 
 
+class BootStop:
+    """The handler of SIGTERM and SIGINT from the end of the configuration
+    check until the job loop installs its own. It kills the engine's
+    processes, logs `worker stopped` and exits 0 at once: unwinding the boot
+    is no use, since vLLM's start-up waits in loops that swallow an exception
+    raised from a handler, and its engine core only notes a signal until it
+    has finished building (minutes, with compilation); a worker that simply
+    died of the signal would leave that engine running on its own."""
+
+    def __init__(self) -> None:
+        # Set once the boot's output goes through BootReport's pipe.
+        self.release_console: Callable[[], None] = lambda: None
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self)
+
+    def __call__(self, signum: int, _frame) -> None:
+        # multiprocessing's resource tracker is spared: once this process is
+        # gone, it frees the shared memory the engine's processes leave.
+        from multiprocessing import resource_tracker
+
+        spared = getattr(resource_tracker._resource_tracker, "_pid", None)
+        # Each process is stopped first, and the tree listed again, until no
+        # new one appears: a process killed while it starts a child would
+        # leave that child running, out of this tree.
+        stopped: dict[int, psutil.Process] = {}
+        while found := [
+            process
+            for process in psutil.Process().children(recursive=True)
+            if process.pid not in stopped and process.pid != spared
+        ]:
+            for process in found:
+                stopped[process.pid] = process
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.suspend()
+        for process in stopped.values():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        psutil.wait_procs(list(stopped.values()), timeout=5)
+        reason = signal.Signals(signum).name
+        log.info("worker stopped %s", json.dumps({"reason": reason, "booting": True}))
+        self.release_console()
+        os._exit(0)  # from wherever the boot was: raising would be swallowed
+
+
 def main(argv: list[str]) -> int:
     started = _process_started()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -70,6 +121,7 @@ def main(argv: list[str]) -> int:
         )
         return 2
 
+    booting = BootStop()
     log.info(
         "boot: configuration checked, %.1f s after the process started", time.monotonic() - started
     )
@@ -88,6 +140,7 @@ def main(argv: list[str]) -> int:
     report.fields["config_s"] = round(imported - started, 2)
     report.phase("imports", imported)
     report.watch_vllm()
+    booting.release_console = report.release_console
     report.fields["compile_cache_dir"] = boot.place_compile_cache()
     try:
         engine = boot.start_engine(config, report)

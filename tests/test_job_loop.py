@@ -1,10 +1,12 @@
 """The worker's life under the SDK loop, on the real worker process: a
 SIGTERM is a normal stop (jobs in hand finish within the grace, later jobs
-stay queued, exit 0), and a job the grace cuts off fails WORKER_STOPPED."""
+stay queued, exit 0), a job the grace cuts off fails WORKER_STOPPED, and a
+worker stopped while it boots takes its engine's processes with it."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -68,6 +70,23 @@ def engine_processes(worker: local_endpoint.WorkerProcess) -> list[psutil.Proces
     return psutil.Process(worker.process.pid).children(recursive=True)
 
 
+def process_names(worker: local_endpoint.WorkerProcess) -> set[str]:
+    names = set()
+    for process in engine_processes(worker):
+        with contextlib.suppress(psutil.NoSuchProcess):  # a helper that has just ended
+            names.add(process.name())
+    return names
+
+
+def group_members(pgid: int) -> list[psutil.Process]:
+    members = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+            if os.getpgid(process.pid) == pgid and _running(process):
+                members.append(process)
+    return members
+
+
 def job_done_lines(log: str) -> dict[str, dict]:
     lines = [
         json.loads(line.split("job done ", 1)[1])
@@ -113,6 +132,36 @@ def test_an_idle_worker_stops_at_once_and_cleanly_even_after_a_corrupt_cache(sto
     _, worker = stoppable(VLLM_CACHE_ROOT=str(cache))  # it boots all the same
     log = stop_idle_worker(worker)
     assert "worker ready {" in log
+
+
+def test_a_worker_stopped_while_its_engine_builds_exits_0_and_leaves_no_process(
+    worker_env, tmp_path
+):
+    serving = local_endpoint.Serving(local_endpoint.LocalEndpoint())
+    worker = local_endpoint.WorkerProcess(
+        serving, {**os.environ, **worker_env}, tmp_path / "worker.log"
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while "VLLM::EngineCore" not in process_names(worker):
+            assert worker.process.poll() is None, worker.log_tail()
+            assert time.monotonic() < deadline, "the engine's process never started"
+            time.sleep(0.1)
+        tree = engine_processes(worker)  # the engine core, its helpers, and theirs
+
+        worker.process.send_signal(15)
+        assert worker.process.wait(timeout=30) == 0
+        _, alive = psutil.wait_procs(tree, timeout=10)
+        assert not [process for process in alive if _running(process)]
+        # Nor one started after that listing (the worker's process group).
+        assert not group_members(worker.process.pid)
+        log = worker.log_path.read_text()
+        assert 'worker stopped {"reason": "SIGTERM", "booting": true}' in log
+        assert "worker ready {" not in log
+        assert not serving.endpoint.workers_seen  # it never asked for a job
+    finally:
+        worker.stop()
+        serving.close()
 
 
 async def test_a_busy_worker_finishes_its_jobs_within_the_grace_then_exits_0(
