@@ -1,10 +1,11 @@
 """The gateway as its users run it: `python3 gateway.py` in front of the
 loopback endpoint and the real worker process, called by the unmodified
-`openai` SDK (sync and async, streamed and not), and by raw HTTP for the SSE
-framing and the error bodies. Texts are checked against the engine's own
-greedy output. Failures come from the real protocol: a closed port, a
-rate-limited loopback endpoint, and loopback endpoints without a worker,
-whose jobs this test takes and answers itself over RunPod's job API."""
+`openai` SDK (sync and async, streamed and not), by LangChain and Agno as
+they are, and by raw HTTP for the SSE framing and the error bodies. Texts
+are checked against the engine's own greedy output. Failures come from the
+real protocol: a closed port, a rate-limited loopback endpoint, and
+loopback endpoints without a worker, whose jobs this test takes and answers
+itself over RunPod's job API."""
 
 from __future__ import annotations
 
@@ -396,6 +397,55 @@ def test_items_that_arrive_together_make_one_chunk_with_nothing_lost():
         protocol.ToolCallDelta(0, "call_0", "f", '{"x": 1}'),
         protocol.ToolCallDelta(1, "call_1", "g", "{}"),
     )
+
+
+# --- Agent frameworks, unmodified, as README's snippets build them -------------------
+
+
+async def test_langchain_chats_and_calls_tools_through_the_gateway(
+    gateway, gateway_key, engine, hf_tokenizer
+):
+    from langchain_openai import ChatOpenAI
+
+    def chat_model(**options) -> ChatOpenAI:
+        return ChatOpenAI(
+            model=MODEL, base_url=gateway.url, api_key=gateway_key, max_retries=0, **options
+        )
+
+    prompt = "Hello from LangChain."
+    expected = await greedy_chat(engine, hf_tokenizer, [{"role": "user", "content": prompt}], 16)
+    greedy = chat_model(temperature=0, max_tokens=16, extra_body={"ignore_eos": True})
+    assert greedy.invoke(prompt).content == expected
+    assert "".join(chunk.content for chunk in greedy.stream(prompt)) == expected
+
+    tools = chat_model(temperature=0, max_tokens=200).bind_tools(
+        [WEATHER, CLOCK], tool_choice="get_weather"
+    )
+    (call,) = tools.invoke(ASK[0]["content"]).tool_calls
+    assert call["name"] == "get_weather" and call["id"]
+    jsonschema.validate(call["args"], WEATHER["function"]["parameters"])
+
+
+async def test_an_agno_agent_answers_through_the_gateway(
+    gateway, gateway_key, engine, hf_tokenizer, monkeypatch
+):
+    monkeypatch.setenv("AGNO_TELEMETRY", "false")  # its telemetry would leave loopback
+    from agno.agent import Agent
+    from agno.models.openai.like import OpenAILike
+
+    model = OpenAILike(
+        id=MODEL,
+        base_url=gateway.url,
+        api_key=gateway_key,
+        temperature=0,
+        max_tokens=16,
+        extra_body={"ignore_eos": True},
+        max_retries=0,
+    )
+    agent = Agent(model=model, telemetry=False)
+    prompt = "Hello from Agno."
+    expected = await greedy_chat(engine, hf_tokenizer, [{"role": "user", "content": prompt}], 16)
+    assert agent.run(prompt).content == expected
 
 
 # --- Raw HTTP: the SSE framing, the error bodies, disconnects -------------------------
