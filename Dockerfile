@@ -23,15 +23,23 @@ RUN python3 -m pip install --no-cache-dir -r requirements.txt
 # layer:  docker build --build-arg MODEL_NAME=org/name --secret id=HF_TOKEN,env=HF_TOKEN .
 ARG MODEL_NAME=""
 COPY utils.py .
+COPY encrypted_vllm/__init__.py encrypted_vllm/
+COPY encrypted_vllm/worker/__init__.py encrypted_vllm/worker/models.py encrypted_vllm/worker/
 RUN --mount=type=secret,id=HF_TOKEN,required=false \
     if [ -n "$MODEL_NAME" ]; then \
         HF_TOKEN="$(cat /run/secrets/HF_TOKEN 2>/dev/null || true)" \
         python3 utils.py download "$MODEL_NAME" --into /models; \
     fi
 
-# The worker, and what `python3 test_local.py` needs to check it in the image.
-COPY protocol.py channel.py config.py deps.py boot.py generation.py worker.py shaping.py job_loop.py \
-     rp_handler.py client.py local_endpoint.py test_local.py tiny_model.py test_input.json ./
+# The worker, and what `python3 test_local.py` needs to check it in the image:
+# the package's folders as they are in the repository (the same code, not
+# installed a second time), without the gateway, which runs on users' machines.
+COPY encrypted_vllm/py.typed encrypted_vllm/
+COPY encrypted_vllm/wire/ encrypted_vllm/wire/
+COPY encrypted_vllm/worker/ encrypted_vllm/worker/
+COPY encrypted_vllm/client/__init__.py encrypted_vllm/client/library.py encrypted_vllm/client/
+COPY encrypted_vllm/dev/ encrypted_vllm/dev/
+COPY rp_handler.py test_local.py test_input.json ./
 
 # The base image's entry point is `vllm serve`; this image runs the worker,
 # and `docker run IMAGE python3 test_local.py ...` runs the check instead.

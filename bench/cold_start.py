@@ -30,10 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import client  # noqa: E402
-import local_endpoint  # noqa: E402
-from config import WorkerConfig  # noqa: E402
-from test_local import apply_offline_defaults  # noqa: E402
+from encrypted_vllm.client import library as client  # noqa: E402
+from encrypted_vllm.dev import local_endpoint  # noqa: E402
+from encrypted_vllm.dev.verify import apply_offline_defaults  # noqa: E402
+from encrypted_vllm.worker.config import WorkerConfig  # noqa: E402
 
 
 def boot_once(cache: Path, key: str, logs: Path, name: str) -> dict:
@@ -68,7 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=3)
     args = parser.parse_args()
-    apply_offline_defaults(os.environ)
+    apply_offline_defaults(os.environ, "tiny")  # the figures in docs/ are the tiny model's
     key = WorkerConfig.from_env().encryption_key
     logs = Path(tempfile.mkdtemp(prefix="bench-cold-start-"))
     pairs = []

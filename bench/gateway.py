@@ -56,9 +56,9 @@ import openai  # noqa: E402
 import psutil  # noqa: E402
 from throughput import median_ci, percentile, verdict  # noqa: E402
 
-import client  # noqa: E402
-from local_endpoint import LocalEndpoint, Serving, WorkerProcess  # noqa: E402
-from test_local import apply_offline_defaults  # noqa: E402
+from encrypted_vllm.client import library as client  # noqa: E402
+from encrypted_vllm.dev.local_endpoint import LocalEndpoint, Serving, WorkerProcess  # noqa: E402
+from encrypted_vllm.dev.verify import apply_offline_defaults  # noqa: E402
 
 CHECKED_STREAMS = 16
 MIN_STREAMS = 16
@@ -378,7 +378,7 @@ def main() -> None:
     args = parser.parse_args()
     args.concurrency = [int(level) for level in args.concurrency.split(",")]
 
-    apply_offline_defaults(os.environ)
+    apply_offline_defaults(os.environ, "tiny")  # the figures in docs/ are the tiny model's
     key = os.environ["ENCRYPTION_KEY"]
     logs = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     with Serving(LocalEndpoint()) as serving:

@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import httpx  # noqa: E402
 
-import local_endpoint  # noqa: E402
+from encrypted_vllm.dev import local_endpoint  # noqa: E402
 
 
 async def handler(job):
@@ -62,7 +62,7 @@ def serve(loop: str, concurrency: int) -> None:
 
         runpod.serverless.start(config)
     else:
-        import job_loop
+        from encrypted_vllm.worker import job_loop
 
         job_loop.run_worker(config, job_loop.EventJobScaler(config, grace_s=5))
 

@@ -23,9 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from local_hub import HubProcess, hub_layout  # noqa: E402
-
-import utils  # noqa: E402
+from encrypted_vllm.worker import models as utils  # noqa: E402
+from tests.local_hub import HubProcess, hub_layout  # noqa: E402
 
 SIZE = 200 * 1000 * 1000
 CAP = 50 * 1000 * 1000

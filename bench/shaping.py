@@ -26,11 +26,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import channel  # noqa: E402
-import protocol  # noqa: E402
-import shaping  # noqa: E402
-from config import WorkerConfig  # noqa: E402
-from test_local import apply_offline_defaults  # noqa: E402
+from encrypted_vllm.dev.verify import apply_offline_defaults  # noqa: E402
+from encrypted_vllm.wire import (
+    channel,  # noqa: E402
+    protocol,  # noqa: E402
+)
+from encrypted_vllm.worker import shaping  # noqa: E402
+from encrypted_vllm.worker.config import WorkerConfig  # noqa: E402
 
 BUCKET, QUANTUM = 256, 16
 
@@ -66,8 +68,8 @@ async def one_stream(worker, sealer, tokens: int) -> dict:
 async def measure(config: WorkerConfig, args) -> dict:
     from vllm.utils.gc_utils import freeze_gc_heap
 
-    import boot
-    from worker import Worker
+    from encrypted_vllm.worker import boot
+    from encrypted_vllm.worker.handler import Worker
 
     engine = boot.start_engine(config)
     freeze_gc_heap()
@@ -106,7 +108,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     args.tokens = [int(count) for count in args.tokens.split(",")]
-    apply_offline_defaults(os.environ)
+    apply_offline_defaults(os.environ, "tiny")  # the figures in docs/ are the tiny model's
     results = asyncio.run(measure(WorkerConfig.from_env(), args))
     head = (
         f"{'tokens':>6} {'':7} {'TTFT ms':>8} {'text ends':>10} {'stream ends':>12} "

@@ -91,11 +91,11 @@ import httpx  # noqa: E402
 import psutil  # noqa: E402
 from soak_jobs import CANARY, Fuzzer, ValidRequest, valid_requests  # noqa: E402
 
-import channel  # noqa: E402
-from client import AsyncClient, AsyncItemStream, ClientError, JobFailed  # noqa: E402
-from local_endpoint import FINAL, LocalEndpoint, Serving, WorkerProcess  # noqa: E402
-from protocol import ErrorCode, ProtocolError, StreamItem, join_tool_calls  # noqa: E402
-from test_local import apply_offline_defaults  # noqa: E402
+from encrypted_vllm.client.library import AsyncClient, AsyncItemStream, ClientError, JobFailed  # noqa: E402
+from encrypted_vllm.dev.local_endpoint import FINAL, LocalEndpoint, Serving, WorkerProcess  # noqa: E402
+from encrypted_vllm.dev.verify import apply_offline_defaults  # noqa: E402
+from encrypted_vllm.wire import channel  # noqa: E402
+from encrypted_vllm.wire.protocol import ErrorCode, ProtocolError, StreamItem, join_tool_calls  # noqa: E402
 
 BOOT_TIMEOUT_S = 600.0
 # A job may wait out a worker's whole boot in the queue: seen here, on two
@@ -918,7 +918,7 @@ def print_figures(result: dict) -> None:
 
 def worker_environment(key: str, stop_grace_s: float) -> dict[str, str]:
     env = {**os.environ, "ENCRYPTION_KEY": key}
-    apply_offline_defaults(env)  # MODELS unset: the tiny offline model
+    apply_offline_defaults(env, "tiny")  # MODELS unset: the tiny offline model
     env.setdefault("TOOL_CALL_PARSER", "hermes")  # the tool_choice "auto" jobs need one
     env["STOP_GRACE_S"] = f"{stop_grace_s:g}"
     env["RUNPOD_PING_INTERVAL"] = str(PING_INTERVAL_MS)

@@ -10,7 +10,7 @@ Rules:
   carry text: prompts, messages, tool definitions, tool calls and results,
   schemas, template kwargs, choices, and the fuzzed inputs themselves.
 - Fuzzed inputs are drawn from a seeded `random.Random`, in the families of
-  tests/test_fuzz.py, and made when they are sent (a token's age is part of
+  tests/worker/test_fuzz.py, and made when they are sent (a token's age is part of
   what they are). A drawn plaintext that happens to be a valid request is
   drawn again: a fuzzed job must fail.
 - Nothing here prints or logs.
@@ -29,12 +29,11 @@ from typing import Any, NamedTuple
 
 from cryptography.fernet import Fernet
 
-import channel
-import protocol
-from config import DEFAULT_ENCRYPTION_TTL_S
-from protocol import ErrorCode
+from encrypted_vllm.wire import channel, protocol
+from encrypted_vllm.wire.protocol import ErrorCode
+from encrypted_vllm.worker.config import DEFAULT_ENCRYPTION_TTL_S
 
-CANARY = "CANARY-4f1c9e"  # as tests/test_privacy.py
+CANARY = "CANARY-4f1c9e"  # as tests/worker/test_privacy.py
 # The long requests: long enough that a cancel after a few items, or a
 # stop's grace (bench/soak.py: 1 s), finds many of them still streaming.
 LONG_TOKENS = 256

@@ -4,7 +4,7 @@ the same engine, in one run.
     .venv/bin/python bench/structured_output.py [--concurrency 1,64] [--rounds 10]
 
 Both variants are jobs through Worker.handler, greedy, on the worker's model
-(MODELS, else the tiny offline model): plain prompts of --tokens tokens
+(MODELS, else the offline model --model names): plain prompts of --tokens tokens
 (ignoring EOS), and the same prompts with `structured_output.json_schema`
 set to an array of eight small objects, which the backend (xgrammar, the
 worker's default) enforces token by token until the array closes. The
@@ -33,9 +33,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import throughput  # noqa: E402
 
-import channel  # noqa: E402
-from config import WorkerConfig  # noqa: E402
-from test_local import apply_offline_defaults  # noqa: E402
+from encrypted_vllm.dev.verify import apply_offline_defaults  # noqa: E402
+from encrypted_vllm.wire import channel  # noqa: E402
+from encrypted_vllm.worker.config import WorkerConfig  # noqa: E402
 
 POINT = {
     "type": "object",
@@ -74,8 +74,8 @@ class SchemaRunner(throughput.HandlerRunner):
 async def measure(config: WorkerConfig, args) -> dict:
     from vllm.utils.gc_utils import freeze_gc_heap
 
-    import boot
-    from worker import Worker
+    from encrypted_vllm.worker import boot
+    from encrypted_vllm.worker.handler import Worker
 
     engine = boot.start_engine(config)
     freeze_gc_heap()
@@ -123,9 +123,16 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,64")
     parser.add_argument("--tokens", type=int, default=128, help="plain streams' tokens")
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument(
+        "--model",
+        choices=["real", "tiny"],
+        default="real",
+        help="with MODELS unset: the offline real model (SmolLM2-135M-Instruct) or the tiny "
+        "random one, whose microsecond steps magnify every per-token overhead",
+    )
     args = parser.parse_args()
     args.concurrency = [int(level) for level in args.concurrency.split(",")]
-    apply_offline_defaults(os.environ)
+    apply_offline_defaults(os.environ, args.model)
     results = asyncio.run(measure(WorkerConfig.from_env(), args))
     print(f"\n{'streams':>7} {'plain tok/s':>12} {'schema tok/s':>13} {'ratio [95%]':>20}")
     for concurrency, row in results.items():

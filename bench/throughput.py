@@ -48,7 +48,8 @@ It is distribution-free (from the order statistics of the pairs), since
 the noise is far from normal.
 
 The model is the worker's: MODELS and the engine variables from the
-environment, else the tiny offline model as test_local.py uses it. The first
+environment, else the offline model --model names, as test_local.py
+prepares it (default: the real one). The first
 16 streams of every level are checked to carry the engine's greedy text in
 all three variants, so that a fast wrong answer cannot pass.
 """
@@ -82,10 +83,12 @@ import httpx  # noqa: E402
 import psutil  # noqa: E402
 import scipy.stats  # noqa: E402
 
-import channel
-import protocol  # noqa: E402
-from config import WorkerConfig  # noqa: E402
-from test_local import apply_offline_defaults  # noqa: E402
+from encrypted_vllm.dev.verify import apply_offline_defaults  # noqa: E402
+from encrypted_vllm.wire import (
+    channel,
+    protocol,  # noqa: E402
+)
+from encrypted_vllm.worker.config import WorkerConfig  # noqa: E402
 
 CHECKED_STREAMS = 16
 MIN_STREAMS = 24  # a level's least streams a round, so that a round lasts
@@ -426,8 +429,8 @@ def check_texts(truth: Level, other: Level, name: str, concurrency: int) -> None
 async def measure_in_process(config: WorkerConfig, args, prompts) -> dict:
     from vllm.utils.gc_utils import freeze_gc_heap
 
-    import boot
-    from worker import Worker
+    from encrypted_vllm.worker import boot
+    from encrypted_vllm.worker.handler import Worker
 
     engine = boot.start_engine(config)
     freeze_gc_heap()  # as the worker's main does
@@ -628,18 +631,25 @@ def main() -> None:
     )
     parser.add_argument("--skip-serve", action="store_true", help="leave out (c)")
     parser.add_argument("--json", type=Path, help="also write the result here")
+    parser.add_argument(
+        "--model",
+        choices=["real", "tiny"],
+        default="real",
+        help="with MODELS unset: the offline real model (SmolLM2-135M-Instruct) or the tiny "
+        "random one, whose microsecond steps magnify every per-token overhead",
+    )
     args = parser.parse_args()
     args.concurrency = [int(level) for level in args.concurrency.split(",")]
 
-    apply_offline_defaults(os.environ)
+    apply_offline_defaults(os.environ, args.model)
     config = WorkerConfig.from_env()
     logs = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
     # The worker's job lines go where its logs go in production: a stream
     # that is written, not the terminal.
     logging.basicConfig(level=logging.INFO, filename=logs / "worker.log")
 
-    import boot
-    import utils
+    from encrypted_vllm.worker import boot
+    from encrypted_vllm.worker import models as utils
 
     ref = config.models[0]
     arguments = boot.engine_arguments(config, str(utils.resolve(ref, config.sources)), ref.name)

@@ -24,11 +24,13 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import channel
-import client  # noqa: E402
-import protocol  # noqa: E402
-from local_endpoint import LocalEndpoint, Serving, WorkerProcess  # noqa: E402
-from test_local import apply_offline_defaults  # noqa: E402
+from encrypted_vllm.client import library as client  # noqa: E402
+from encrypted_vllm.dev.local_endpoint import LocalEndpoint, Serving, WorkerProcess  # noqa: E402
+from encrypted_vllm.dev.verify import apply_offline_defaults  # noqa: E402
+from encrypted_vllm.wire import (
+    channel,
+    protocol,  # noqa: E402
+)
 
 REQUEST = {"prompt": "Sanity check.", "sampling_params": {"max_tokens": 16, "temperature": 0}}
 
@@ -63,7 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=20, help="measured jobs per client")
     args = parser.parse_args()
-    apply_offline_defaults(os.environ)
+    apply_offline_defaults(os.environ, "tiny")  # the figures in docs/ are the tiny model's
     key = os.environ["ENCRYPTION_KEY"]
 
     import runpod

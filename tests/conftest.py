@@ -1,5 +1,7 @@
 """Session fixtures: the tiny model, a key, one real vLLM engine in this
-process, and one real worker process behind a loopback RunPod endpoint.
+process, and one real worker process behind a loopback RunPod endpoint; and
+the same two on the offline real model (SmolLM2-135M-Instruct), for the
+tests of real language.
 
 Each starts once per session (about half a minute each on two cores) and
 the tests share them, as jobs share one engine in production.
@@ -17,12 +19,10 @@ import pytest
 # The CPU backend sizes its KV cache from this (GiB); the tiny model needs little.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-from local_hub import HubProcess, hub_layout  # noqa: E402
-
-import channel
-import client as client_module  # noqa: E402
-import local_endpoint  # noqa: E402
-import tiny_model  # noqa: E402
+from encrypted_vllm.client import library as client_module  # noqa: E402
+from encrypted_vllm.dev import local_endpoint, real_model, tiny_model  # noqa: E402
+from encrypted_vllm.wire import channel  # noqa: E402
+from tests.local_hub import HubProcess, hub_layout  # noqa: E402
 
 # Room for streams long enough to outlast the scheduling hiccups of two
 # engines sharing two cores.
@@ -59,8 +59,8 @@ def worker_env(tiny_model_dir, key) -> dict[str, str]:
 async def engine(worker_env):
     from vllm.utils.gc_utils import freeze_gc_heap
 
-    import boot
-    from config import WorkerConfig
+    from encrypted_vllm.worker import boot
+    from encrypted_vllm.worker.config import WorkerConfig
 
     engine = boot.start_engine(WorkerConfig.from_env(worker_env))
     # The loopback endpoint serves from this process too: keep full garbage
@@ -72,8 +72,8 @@ async def engine(worker_env):
 
 @pytest.fixture(scope="session")
 def worker(engine, worker_env):
-    from config import WorkerConfig
-    from worker import Worker
+    from encrypted_vllm.worker.config import WorkerConfig
+    from encrypted_vllm.worker.handler import Worker
 
     config = WorkerConfig.from_env(worker_env)
     return Worker(engine, config.inbox(), max_items_per_s=config.max_items_per_s)
@@ -202,6 +202,65 @@ def live(worker_env, key, tenant_key, tiny_model_files, hub, tmp_path_factory):
         worker = local_endpoint.WorkerProcess(serving, env, log_path)
         try:
             worker.wait_ready(timeout_s=600)
+            yield Live(serving, worker, key)
+        finally:
+            worker.stop()
+
+
+# --- The offline real model ------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def real_model_dir():
+    """SmolLM2-135M-Instruct, prepared where test_local.py finds it too."""
+    return real_model.prepare()
+
+
+@pytest.fixture(scope="session")
+def real_worker_env(real_model_dir, key) -> dict[str, str]:
+    return {
+        "MODELS": str(real_model_dir),
+        "ENCRYPTION_KEY": key,
+        "MAX_MODEL_LEN": str(MAX_MODEL_LEN),
+    }
+
+
+@pytest.fixture(scope="session")
+async def real_engine(real_worker_env):
+    """The real model's engine in this process: the ground truth."""
+    from encrypted_vllm.worker import boot
+    from encrypted_vllm.worker.config import WorkerConfig
+
+    engine = boot.start_engine(WorkerConfig.from_env(real_worker_env))
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def real_worker(real_engine, real_worker_env):
+    """The job handler on the real model's engine, in this process."""
+    from encrypted_vllm.worker.config import WorkerConfig
+    from encrypted_vllm.worker.handler import Worker
+
+    config = WorkerConfig.from_env(real_worker_env)
+    return Worker(real_engine, config.inbox(), max_items_per_s=config.max_items_per_s)
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer(real_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(real_model_dir)
+
+
+@pytest.fixture(scope="session")
+def real_live(real_worker_env, key, tmp_path_factory):
+    """The real worker process on the real model, behind a loopback endpoint."""
+    log_path = tmp_path_factory.mktemp("real-worker") / "worker.log"
+    with local_endpoint.Serving(local_endpoint.LocalEndpoint()) as serving:
+        worker = local_endpoint.WorkerProcess(serving, {**os.environ, **real_worker_env}, log_path)
+        try:
+            worker.wait_ready(timeout_s=900)
             yield Live(serving, worker, key)
         finally:
             worker.stop()

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import itertools
 
-import protocol
-from protocol import StreamItem
+from encrypted_vllm.wire import protocol
+from encrypted_vllm.wire.protocol import StreamItem
 
 GREEDY = {"temperature": 0, "max_tokens": 24, "ignore_eos": True}
 _job_ids = itertools.count()
@@ -60,20 +60,38 @@ def only_error(outputs) -> protocol.ProtocolError:
     return error
 
 
-async def greedy_text(engine, prompt_token_ids: list[int], max_tokens: int) -> str:
-    """The engine's own greedy completion of these tokens, in one piece."""
+async def greedy_text(
+    engine,
+    prompt_token_ids: list[int],
+    max_tokens: int,
+    *,
+    ignore_eos: bool = True,
+    json_schema: dict | None = None,
+) -> str:
+    """The engine's own greedy completion of these tokens, in one piece
+    (held to `json_schema` by the engine's structured-output backend)."""
     from vllm import SamplingParams
     from vllm.renderers.inputs.preprocess import parse_model_prompt
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
     prompt = parse_model_prompt(engine.model_config, {"prompt_token_ids": prompt_token_ids})
     (engine_input,) = await engine.renderer.render_cmpl_async([prompt])
     params = SamplingParams(
         temperature=0,
         max_tokens=max_tokens,
-        ignore_eos=True,
+        ignore_eos=ignore_eos,
+        structured_outputs=None
+        if json_schema is None
+        else StructuredOutputsParams(json=json_schema),
         output_kind=RequestOutputKind.FINAL_ONLY,
     )
     async for output in engine.generate(engine_input, params, f"truth-{next(_job_ids)}"):
         final = output
     return final.outputs[0].text
+
+
+def chat_prompt_ids(tokenizer, messages, tools=None) -> list[int]:
+    """The prompt's tokens through the model's own chat template, by transformers."""
+    return tokenizer.apply_chat_template(
+        messages, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=False
+    )

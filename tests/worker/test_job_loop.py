@@ -1,0 +1,202 @@
+"""The worker's life under the SDK loop, on the real worker process: a
+SIGTERM is a normal stop (jobs in hand finish within the grace, later jobs
+stay queued, exit 0), a job the grace cuts off fails WORKER_STOPPED, and a
+worker stopped while it boots takes its engine's processes with it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+
+import psutil
+import pytest
+import runpod
+from runpod.serverless.modules.worker_state import JobsProgress
+
+from encrypted_vllm.client import library as client
+from encrypted_vllm.dev import local_endpoint
+from encrypted_vllm.wire.protocol import ErrorCode
+from encrypted_vllm.worker import job_loop
+from tests.jobs import greedy_text
+
+
+async def test_a_job_stopped_before_its_task_first_runs_frees_its_slot(tmp_path, monkeypatch):
+    # Seen in bench/soak.py: a cancel that reached the worker in the same
+    # turn of its loop as the job's start left the job holding a slot.
+    monkeypatch.setattr(JobsProgress, "_STATE_FILE", str(tmp_path / "jobs.pkl"))
+    scaler = job_loop.EventJobScaler({"handler": lambda job: None}, grace_s=1)
+    job = {"id": "stopped-at-once", "input": {}}
+    scaler.job_progress.add(job)
+
+    task = scaler._start_job(session=None, job=job)
+    assert await scaler.stop_job(job["id"])  # no await between: the task never ran
+    await asyncio.gather(task, return_exceptions=True)
+
+    assert task.cancelled()
+    assert scaler.current_occupancy() == 0
+    assert scaler.job_progress.get(job["id"]) is None
+
+
+def test_the_job_loop_is_written_for_this_sdk_version():
+    # It overrides JobScaler's loops and reads their attributes: a new SDK
+    # version must be read before it is allowed in.
+    assert runpod.version.__version__ == job_loop.SDK_VERSION
+
+
+@pytest.fixture
+def stoppable(worker_env, tmp_path):
+    """A worker of its own, for the test to stop."""
+
+    def start(**env):
+        serving = local_endpoint.Serving(local_endpoint.LocalEndpoint())
+        worker = local_endpoint.WorkerProcess(
+            serving, {**os.environ, **worker_env, **env}, tmp_path / f"worker-{len(started)}.log"
+        )
+        started.append((serving, worker))
+        worker.wait_ready(timeout_s=600)
+        return serving, worker
+
+    started = []
+    yield start
+    for serving, worker in started:
+        worker.stop()
+        serving.close()
+
+
+def engine_processes(worker: local_endpoint.WorkerProcess) -> list[psutil.Process]:
+    return psutil.Process(worker.process.pid).children(recursive=True)
+
+
+def process_names(worker: local_endpoint.WorkerProcess) -> set[str]:
+    names = set()
+    for process in engine_processes(worker):
+        with contextlib.suppress(psutil.NoSuchProcess):  # a helper that has just ended
+            names.add(process.name())
+    return names
+
+
+def group_members(pgid: int) -> list[psutil.Process]:
+    members = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+            if os.getpgid(process.pid) == pgid and _running(process):
+                members.append(process)
+    return members
+
+
+def job_done_lines(log: str) -> dict[str, dict]:
+    lines = [
+        json.loads(line.split("job done ", 1)[1])
+        for line in log.splitlines()
+        if "job done {" in line
+    ]
+    return {line["job"]: line for line in lines}
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def stop_by_sigterm(
+    worker: local_endpoint.WorkerProcess, stopped: str = '{"reason": "SIGTERM"}'
+) -> str:
+    """SIGTERM a worker that holds no job, as docker stop does; its log once
+    it exited 0, logging `worker stopped` and `stopped`, with no engine
+    process left."""
+    children = engine_processes(worker)
+    assert children, "the engine runs in processes of its own"
+    worker.process.send_signal(15)
+    assert worker.process.wait(timeout=30) == 0
+    # Helpers of the worker's (multiprocessing's resource tracker, the SDK's
+    # heartbeat) may end a moment after it: every one must be gone soon.
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not [child for child in alive if _running(child)]
+    log = worker.log_path.read_text()
+    assert f"worker stopped {stopped}" in log
+    assert "the engine died" not in log
+    return log
+
+
+def test_an_idle_worker_stops_at_once_and_cleanly_even_after_a_corrupt_cache(stoppable, tmp_path):
+    cache = tmp_path / "compile-cache"
+    _, worker = stoppable(VLLM_CACHE_ROOT=str(cache))
+    stop_by_sigterm(worker)
+    files = [path for path in cache.rglob("*") if path.is_file()]
+    assert any(path.suffix == ".so" for path in files), "the worker left no compiled kernels"
+    assert (cache / "modelinfos").is_dir()
+    for path in files:  # every file of it cut short
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    _, worker = stoppable(VLLM_CACHE_ROOT=str(cache))  # it boots all the same
+    log = stop_by_sigterm(worker)
+    assert "worker ready {" in log
+
+
+def test_a_worker_stopped_while_its_engine_builds_exits_0_and_leaves_no_process(
+    worker_env, tmp_path
+):
+    serving = local_endpoint.Serving(local_endpoint.LocalEndpoint())
+    worker = local_endpoint.WorkerProcess(
+        serving, {**os.environ, **worker_env}, tmp_path / "worker.log"
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while "VLLM::EngineCore" not in process_names(worker):
+            assert worker.process.poll() is None, worker.log_tail()
+            assert time.monotonic() < deadline, "the engine's process never started"
+            time.sleep(0.1)
+        log = stop_by_sigterm(worker, '{"reason": "SIGTERM", "booting": true}')
+        # Nor one the engine started as the signal came (its process group).
+        assert not group_members(worker.process.pid)
+        assert "worker ready {" not in log
+        assert not serving.endpoint.workers_seen  # it never asked for a job
+    finally:
+        worker.stop()
+        serving.close()
+
+
+async def test_a_busy_worker_finishes_its_jobs_within_the_grace_then_exits_0(
+    stoppable, key, engine, hf_tokenizer
+):
+    serving, worker = stoppable(STOP_GRACE_S="1")
+    endpoint = client.Client(
+        base_url=serving.url,
+        api_key=serving.endpoint.api_key,
+        encryption_key=key,
+        poll_interval=0.02,
+    )
+    short_prompt, greedy = "A short job.", {"temperature": 0, "ignore_eos": True}
+    short = endpoint.submit(short_prompt, sampling_params={**greedy, "max_tokens": 32})
+    long = endpoint.submit("A long job.", sampling_params={**greedy, "max_tokens": 2000})
+    jobs = serving.endpoint.jobs
+    deadline = time.monotonic() + 60
+    while not all(jobs[job.id].chunks for job in (short, long)):  # both streaming
+        assert time.monotonic() < deadline, "the jobs never started"
+        time.sleep(0.01)
+
+    worker.process.send_signal(15)
+    time.sleep(0.5)  # the worker has stopped taking jobs: this one must wait for another
+    late = endpoint.submit("Too late.", sampling_params={**greedy, "max_tokens": 8})
+
+    assert short.result().text == await greedy_text(
+        engine, hf_tokenizer(short_prompt).input_ids, 32
+    )
+    with pytest.raises(client.JobFailed) as caught:
+        long.result()
+    assert (caught.value.status, caught.value.code) == ("FAILED", ErrorCode.WORKER_STOPPED)
+    assert worker.process.wait(timeout=30) == 0
+    assert late.status() == "IN_QUEUE"
+    endpoint.close()
+
+    log = worker.log_path.read_text()
+    lines = job_done_lines(log)
+    assert lines[short.id]["outcome"] == "completed"
+    assert (lines[long.id]["outcome"], lines[long.id]["error"]) == ("stopped", "WORKER_STOPPED")
+    assert late.id not in lines
+    assert 'worker stopped {"reason": "SIGTERM"}' in log
