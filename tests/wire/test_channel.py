@@ -174,7 +174,7 @@ def test_a_key_is_named_by_a_fingerprint_that_is_not_the_key():
 def test_the_plaintext_openai_route_is_refused_unread(key):
     plaintext = {"openai_route": "/v1/chat/completions", "openai_input": {"messages": []}}
     error = refusal(inbox_for(key), plaintext)
-    assert error.code is ErrorCode.INVALID_INPUT and "gateway.py" in error.reason
+    assert error.code is ErrorCode.INVALID_INPUT and "encrypted-vllm-gateway" in error.reason
 
 
 @pytest.mark.parametrize("value", [None, "", "  ", "short", "A" * 44, "x" * 44 + ","])

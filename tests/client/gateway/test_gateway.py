@@ -514,7 +514,7 @@ def test_the_worker_refuses_runpods_plaintext_openai_route_pointing_to_the_gatew
     }
     failure = live.failure_of(live.submit_raw(plaintext))
     assert failure.code is protocol.ErrorCode.INVALID_INPUT
-    assert "gateway.py" in failure.reason and CANARY not in str(failure)
+    assert "encrypted-vllm-gateway" in failure.reason and CANARY not in str(failure)
     assert failure.job_id in live.worker_log() and CANARY not in live.worker_log()
 
 
