@@ -42,6 +42,7 @@ if TYPE_CHECKING:
         JobTimeout,
         RateLimited,
         ServerError,
+        StreamIntegrityError,
     )
     from encrypted_vllm.wire.channel import generate_key
 
@@ -60,6 +61,7 @@ _EXPORTS = {
             "JobTimeout",
             "RateLimited",
             "ServerError",
+            "StreamIntegrityError",
         ),
         "encrypted_vllm.client.library",
     ),
@@ -82,6 +84,7 @@ __all__ = [
     "OpenAI",
     "RateLimited",
     "ServerError",
+    "StreamIntegrityError",
     "__version__",
     "generate_key",
 ]

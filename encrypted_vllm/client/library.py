@@ -42,12 +42,12 @@ import threading
 import time
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 
 from encrypted_vllm.wire import protocol
-from encrypted_vllm.wire.channel import Channel
+from encrypted_vllm.wire.channel import Channel, request_binding
 from encrypted_vllm.wire.protocol import (
     ErrorCode,
     ProtocolError,
@@ -76,6 +76,7 @@ __all__ = [
     "JobTimeout",
     "RateLimited",
     "ServerError",
+    "StreamIntegrityError",
     "TextStream",
 ]
 
@@ -114,6 +115,17 @@ class ServerError(ClientError):
 class DecryptionFailed(ClientError):
     """A response did not decrypt under this client's key: the wrong key, or
     a response tampered with."""
+
+
+class StreamIntegrityError(ClientError):
+    """The answer failed its integrity check (wire protocol v1.2): an item of
+    another request, one missing, repeated or out of order, or no final item
+    even in what RunPod stored. `reason` says which, never the text; nothing
+    of the answer is returned. Tampering, or a loss RunPod could not repair."""
+
+    def __init__(self, job_id: str, reason: str):
+        self.job_id, self.reason = job_id, reason
+        super().__init__(f"job {job_id}: the answer failed its integrity check: {reason}")
 
 
 class JobFailed(ClientError):
@@ -162,7 +174,15 @@ class Completion:
 
 class _Tracker:
     """One job followed through /stream polls, with no I/O of its own: it
-    decrypts and times the items and says how to poll next."""
+    decrypts, checks and times the items and says how to poll next.
+
+    Each item must name the job's request (`binding`; None: the first item's
+    name, for a job whose request this client did not send) and come in its
+    place. An item of another request fails at once. A missing, repeated or
+    reordered item may also be RunPod losing a post: the stream is then read
+    no further, and once the job is done `recover` checks what RunPod stored
+    (/status's output) from the first item; so does a stream that ended
+    without its final item."""
 
     # Each poll asks the server to hold it open while there is nothing new
     # (`?wait=`, as RunPod's Go SDK asks of /stream), so the first token is
@@ -179,8 +199,12 @@ class _Tracker:
         submitted_at: float,
         poll_interval: float,
         timeout: float | None,
+        binding: str | None,
     ):
         self.channel, self.job_id, self.submitted_at = channel, job_id, submitted_at
+        self.binding = binding
+        self.read: list[StreamItem] = []  # every item read so far, in order: item i has seq i
+        self.out_of_place: str | None = None  # why the stream stopped being read
         self.poll_interval = poll_interval
         self.deadline = submitted_at + timeout if timeout else None
         self._hold_s = self.HOLD_S
@@ -204,22 +228,17 @@ class _Tracker:
         self.status = body.get("status", self.status)
         chunks = body.get("stream") or []
         new = []
-        if self.final is None:  # after it, only a shaped stream's filler
+        # After the final item, only a shaped stream's filler.
+        if self.final is None and self.out_of_place is None:
             for chunk in chunks:
-                try:
-                    item = self.channel.open_item(chunk.get("output"))
-                except ProtocolError as error:
-                    raise DecryptionFailed(f"job {self.job_id}: {error.reason}") from None
-                if item.final:
-                    self.final, self.final_at = item, time.monotonic()
-                if not item.empty:
-                    new.append(item)
+                item = self._open(chunk.get("output"))
+                self.out_of_place = self._misplaced(item, len(self.read))
+                if self.out_of_place is not None:
+                    break
+                new += self._accept(item)
                 if self.final is not None:
                     break
-        if any(item.text or item.reasoning or item.tool_calls for item in new):
-            self.first_content_at = self.first_content_at or time.monotonic()
-            self.arrivals += 1
-        self.items += new
+        self._take(new)
         self._last_poll_empty = not chunks
         if chunks:
             self._delay = self.poll_interval
@@ -228,6 +247,65 @@ class _Tracker:
         elif time.monotonic() - self.submitted_at > self.FAST_FOR_S:
             self._delay = min(max(self._delay, self.FAST_S) * self.GROWTH, self.SLOWEST_S)
         return new
+
+    def recover(self, outputs: Any) -> list[StreamItem]:
+        """The items RunPod stored for the finished job (/status's output),
+        where the stream fell short: checked from the first, those already
+        read must be the very same; returns the ones not read before."""
+        if not isinstance(outputs, list):
+            outputs = []
+        new = []
+        for seq, output in enumerate(outputs):
+            item = self._open(output)
+            if seq < len(self.read):
+                if item != self.read[seq]:
+                    self._fail("an item differs between RunPod's stream and its stored output")
+                continue
+            if (misplaced := self._misplaced(item, seq)) is not None:
+                self._fail(misplaced)
+            new += self._accept(item)
+            if self.final is not None:
+                break
+        if self.final is None:
+            self._fail("the stream ended without its final item")
+        self._take(new)
+        return new
+
+    def _open(self, output: Any) -> StreamItem:
+        try:
+            item = self.channel.open_item(output)
+        except ProtocolError as error:
+            raise DecryptionFailed(f"job {self.job_id}: {error.reason}") from None
+        if item.request is None or item.seq is None:
+            self._fail("an item does not name its request: the worker is older than protocol 1.2")
+        self.binding = self.binding or item.request
+        if item.request != self.binding:
+            self._fail("an item answers another request")
+        return item
+
+    @staticmethod
+    def _misplaced(item: StreamItem, due: int) -> str | None:
+        if item.seq == due:
+            return None
+        if item.seq < due:
+            return f"item {item.seq} arrived twice"
+        return f"items out of order: item {item.seq} came where item {due} was due"
+
+    def _accept(self, item: StreamItem) -> list[StreamItem]:
+        """Takes an item in its place; the new content it brings."""
+        self.read.append(item)
+        if item.final:
+            self.final, self.final_at = item, time.monotonic()
+        return [] if item.empty else [item]
+
+    def _take(self, new: list[StreamItem]) -> None:
+        if any(item.text or item.reasoning or item.tool_calls for item in new):
+            self.first_content_at = self.first_content_at or time.monotonic()
+            self.arrivals += 1
+        self.items += new
+
+    def _fail(self, reason: str) -> NoReturn:
+        raise StreamIntegrityError(self.job_id, reason)
 
     @property
     def ended(self) -> bool:
@@ -384,7 +462,7 @@ class Client:
         sealed = self.channel.seal_request(protocol.validate_request(prompt, **request))
         submitted_at = time.monotonic()
         reply = self._call("POST", "/run", {"input": sealed})
-        return Job(self, reply["id"], submitted_at)
+        return Job(self, reply["id"], submitted_at, request_binding(sealed["ciphertext"]))
 
     def stream(self, prompt: str | None = None, **request: Any) -> TextStream:
         """Submit, then iterate over the completion's text deltas."""
@@ -403,9 +481,12 @@ class Client:
         """What the endpoint's worker serves and supports (wire protocol v1.1)."""
         return self.submit(describe=True).result().card
 
-    def job(self, job_id: str) -> Job:
-        """A handle on a job submitted earlier, e.g. by another process."""
-        return Job(self, job_id, time.monotonic())
+    def job(self, job_id: str, binding: str | None = None) -> Job:
+        """A handle on a job submitted earlier, e.g. by another process. Give
+        its request's `binding` (the submitter's `Job.binding`) to check that
+        the answer is that request's; without it, the answer is checked to be
+        whole and in order, and to answer one request."""
+        return Job(self, job_id, time.monotonic(), binding)
 
     def health(self) -> dict:
         return self._call("GET", "/health")
@@ -462,8 +543,11 @@ class Client:
 class Job:
     """A submitted job: its status, its stream, its result, its cancellation."""
 
-    def __init__(self, client: Client, job_id: str, submitted_at: float):
+    def __init__(
+        self, client: Client, job_id: str, submitted_at: float, binding: str | None = None
+    ):
         self._client, self.id, self.submitted_at = client, job_id, submitted_at
+        self.binding = binding  # what its answer's items name its request by
 
     def status(self) -> str:
         return self._client._call("GET", f"/status/{self.id}")["status"]
@@ -486,7 +570,12 @@ class Job:
     def _follow(self) -> Iterator[StreamItem | Completion]:
         client = self._client
         tracker = _Tracker(
-            client.channel, self.id, self.submitted_at, client.poll_interval, client.timeout
+            client.channel,
+            self.id,
+            self.submitted_at,
+            client.poll_interval,
+            client.timeout,
+            self.binding,
         )
         try:
             while True:
@@ -502,8 +591,11 @@ class Job:
             if tracker.final is None and tracker.status not in FINAL_STATUSES:
                 self._cancel_quietly()
         if tracker.final is None:
+            stored = client._call("GET", f"/status/{self.id}")
             if tracker.status != "COMPLETED":
-                raise _job_failure(self.id, client._call("GET", f"/status/{self.id}"))
+                raise _job_failure(self.id, stored)
+            # The stream fell short: what RunPod stored settles it.
+            yield from tracker.recover(stored.get("output"))
         elif not tracker.drained:
             client._drain(tracker)
         yield tracker.completion()
@@ -594,7 +686,7 @@ class AsyncClient:
         sealed = self.channel.seal_request(protocol.validate_request(prompt, **request))
         submitted_at = time.monotonic()
         reply = await self._call("POST", "/run", {"input": sealed})
-        return AsyncJob(self, reply["id"], submitted_at)
+        return AsyncJob(self, reply["id"], submitted_at, request_binding(sealed["ciphertext"]))
 
     async def stream(self, prompt: str | None = None, **request: Any) -> AsyncTextStream:
         return (await self.submit(prompt, **request)).stream()
@@ -608,8 +700,8 @@ class AsyncClient:
     async def describe(self) -> WorkerCard:
         return (await (await self.submit(describe=True)).result()).card
 
-    def job(self, job_id: str) -> AsyncJob:
-        return AsyncJob(self, job_id, time.monotonic())
+    def job(self, job_id: str, binding: str | None = None) -> AsyncJob:
+        return AsyncJob(self, job_id, time.monotonic(), binding)
 
     async def health(self) -> dict:
         return await self._call("GET", "/health")
@@ -666,8 +758,11 @@ class AsyncClient:
 
 
 class AsyncJob:
-    def __init__(self, client: AsyncClient, job_id: str, submitted_at: float):
+    def __init__(
+        self, client: AsyncClient, job_id: str, submitted_at: float, binding: str | None = None
+    ):
         self._client, self.id, self.submitted_at = client, job_id, submitted_at
+        self.binding = binding  # what its answer's items name its request by
 
     async def status(self) -> str:
         return (await self._client._call("GET", f"/status/{self.id}"))["status"]
@@ -691,7 +786,12 @@ class AsyncJob:
         """The items of each /stream answer that brought some, then the completion."""
         client = self._client
         tracker = _Tracker(
-            client.channel, self.id, self.submitted_at, client.poll_interval, client.timeout
+            client.channel,
+            self.id,
+            self.submitted_at,
+            client.poll_interval,
+            client.timeout,
+            self.binding,
         )
         try:
             while True:
@@ -709,8 +809,12 @@ class AsyncJob:
             if tracker.final is None and tracker.status not in FINAL_STATUSES:
                 await self._cancel_quietly()
         if tracker.final is None:
+            stored = await client._call("GET", f"/status/{self.id}")
             if tracker.status != "COMPLETED":
-                raise _job_failure(self.id, await client._call("GET", f"/status/{self.id}"))
+                raise _job_failure(self.id, stored)
+            # The stream fell short: what RunPod stored settles it.
+            if recovered := tracker.recover(stored.get("output")):
+                yield recovered
         elif not tracker.drained:
             client._drain(tracker)
         yield tracker.completion()

@@ -14,12 +14,18 @@ Rules:
   nothing about the key.
 - A token is admitted once, while fresh, within the size limit; anything
   else is a `ProtocolError` with a fixed reason.
+- Every item of an answer names its request (`request_binding` of the
+  request's token) and its place; requests under one key share prefix-cache
+  entries with each other only (`Key.cache_salt`), so that no tenant can
+  time another's prompts.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import heapq
+import hmac
 import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -47,6 +53,18 @@ KEY_HELP = (
 )
 
 
+REQUEST_BINDING_CHARS = 22  # 16 bytes in unpadded base64url
+
+
+def request_binding(token: str) -> str:
+    """What every item of a request's answer names it by (v1.2): the first
+    16 bytes of the SHA-256 of its token, in base64url. The client knows its
+    token and the worker the one it opened; an item, sealed under the key,
+    cannot be made to name another request by anyone without the key."""
+    digest = hashlib.sha256(token.encode()).digest()[:16]
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
 def generate_key() -> str:
     """A new random key for ENCRYPTION_KEY."""
     return Fernet.generate_key().decode()
@@ -60,6 +78,11 @@ class Key:
         # A fingerprint for logs: a hash of the key cannot be turned back
         # into it, and the prefix keeps ids of different keys apart.
         self.id = hashlib.sha256(b"encrypted-vllm-worker key id:" + text.encode()).hexdigest()[:8]
+        # The salt of this key's prefix-cache entries: requests under other
+        # keys never share them. A keyed hash, so it tells nothing of the key.
+        self.cache_salt = hmac.new(
+            text.encode(), b"encrypted-vllm-worker prefix cache", hashlib.sha256
+        ).hexdigest()[:32]
 
     def __repr__(self) -> str:
         return f"Key(id={self.id!r})"
@@ -206,6 +229,8 @@ class Admission(NamedTuple):
     request: Request
     issued_at: int  # when the client encrypted it (Fernet's timestamp, whole seconds)
     channel: Channel  # seals this job's answer, under the key that opened it
+    binding: str  # what each item of the answer names its request by
+    cache_salt: str  # the prefix-cache salt of the key that opened it
 
 
 class Inbox:
@@ -245,7 +270,13 @@ class Inbox:
             raise ProtocolError(refused, "this token was already accepted by this worker")
         if refused is ErrorCode.TOKEN_EXPIRED:
             raise ProtocolError(refused, "token is older than this worker's replay window")
-        return Admission(parse_request(plaintext), issued_at, self._by_key[key.id])
+        return Admission(
+            parse_request(plaintext),
+            issued_at,
+            self._by_key[key.id],
+            request_binding(token),
+            key.cache_salt,
+        )
 
     def _token_of(self, job_input: Any) -> str:
         if isinstance(job_input, dict) and (

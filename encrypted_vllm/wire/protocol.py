@@ -1,4 +1,4 @@
-"""Wire protocol v1.1: what a job's plaintext request and each streamed
+"""Wire protocol v1.2: what a job's plaintext request and each streamed
 item's plaintext say. The worker and the client both import it; `channel`
 encrypts them. docs/protocol.md specifies the same in prose, for clients in
 other languages.
@@ -15,12 +15,15 @@ Rules:
 - A refused job is a `ProtocolError`: a stable `ErrorCode` and a reason taken
   from a fixed set of sentences. Reasons may name a limit or a rule, never
   request content, not even a field name the request used.
-- v1 requests are valid v1.1 requests, and v1 clients can read v1.1 items:
-  `text` is always there, every new key is optional.
+- v1 requests are valid v1.2 requests, and v1 and v1.1 clients can read
+  v1.2 items: `text` is always there, every new key is optional to read.
+  A v1.2 client insists on the keys that bind an item to its request and
+  place (`request`, `seq`): it cannot trust an older worker's answers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import secrets
@@ -31,7 +34,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-VERSION = "1.1"
+VERSION = "1.2"
 
 # Limits of the request schema, checked by the client and again by the worker.
 MAX_MESSAGES = 1024
@@ -596,13 +599,19 @@ class WorkerCard:
 
     @classmethod
     def from_dict(cls, body: dict[str, Any]) -> WorkerCard:
-        return cls(**body)
+        # A later worker's card may say more: what this client knows is read.
+        known = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{name: value for name, value in body.items() if name in known})
 
 
 @dataclass(frozen=True)
 class StreamItem:
     """What is new since the previous item of a job; the last one of a job
-    also has finish_reason and usage."""
+    (the final item) also has finish_reason and usage. Since v1.2 each item
+    names its request (`request`: `channel.request_binding` of the request's
+    token) and its place in the job's stream (`seq`, from 0, filler items
+    included), so that a client can tell a foreign, missing, repeated or
+    reordered item; the worker sets both when it seals the item."""
 
     text: str = ""
     finish_reason: str | None = None
@@ -612,6 +621,8 @@ class StreamItem:
     tool_calls: tuple[ToolCallDelta, ...] = ()
     logprobs: tuple[TokenLogprob, ...] = ()
     card: WorkerCard | None = None
+    request: str | None = None
+    seq: int | None = None
 
     @property
     def final(self) -> bool:
@@ -634,6 +645,10 @@ class StreamItem:
             }
         if self.card is not None:
             body["card"] = self.card.to_dict()
+        if self.request is not None:
+            body["request"] = self.request
+        if self.seq is not None:
+            body["seq"] = self.seq
         return body
 
     def to_json(self) -> bytes:
@@ -643,9 +658,13 @@ class StreamItem:
     def from_json(cls, data: bytes) -> StreamItem:
         body = json.loads(data)
         usage, card = body.get("usage"), body.get("card")
-        text = body["text"]
+        text, request, seq = body["text"], body.get("request"), body.get("seq")
         if not isinstance(text, str):
             raise TypeError("text is not a string")
+        if not (request is None or isinstance(request, str)):
+            raise TypeError("request is not a string")
+        if not (seq is None or (type(seq) is int and seq >= 0)):
+            raise TypeError("seq is not a count")
         return cls(
             text=text,
             reasoning=body.get("reasoning", ""),
@@ -654,6 +673,8 @@ class StreamItem:
             finish_reason=body.get("finish_reason"),
             usage=Usage(**usage) if usage is not None else None,
             card=WorkerCard.from_dict(card) if card is not None else None,
+            request=request,
+            seq=seq,
         )
 
     @property

@@ -140,9 +140,11 @@ class Planner:
             max_logprobs=model_config.max_logprobs,
         )
 
-    async def plan(self, request: Request) -> JobPlan:
+    async def plan(self, request: Request, cache_salt: str | None = None) -> JobPlan:
         """Everything the engine needs for this request; ProtocolError if the
-        request cannot be served here."""
+        request cannot be served here. `cache_salt` keeps the engine's cached
+        prefixes of this request apart from those of other salts (vLLM's own
+        per-request salt, hashed into the first block's key)."""
         if request.effective_tool_choice == "auto" and self.auto_parser_cls is None:
             raise ProtocolError(
                 ErrorCode.INVALID_INPUT,
@@ -156,6 +158,8 @@ class Planner:
             )
         chat = ChatRequest.of(request) if request.messages is not None else None
         engine_input = await self._render(request, chat)
+        if cache_salt is not None:
+            engine_input["cache_salt"] = cache_salt
         prompt_ids = engine_input["prompt_token_ids"]
         reader = OutputReader(self, request, chat, prompt_ids)
         params = self._sampling_params(request, chat, reader)

@@ -142,7 +142,7 @@ class Worker:
         self._start_watch()
         failure: ProtocolError | None = None
         try:
-            request, issued_at, channel = self.inbox.admit(job.get("input"))
+            request, issued_at, channel, binding, cache_salt = self.inbox.admit(job.get("input"))
             record.key = channel.key_id
             record.queue_wait_s = max(int(time.time()) - issued_at, 0)
             if self.shaper is not None and request.sampling_params.logprobs is not None:
@@ -150,7 +150,7 @@ class Worker:
             if request.describe:
                 items = self._card(record)
             else:
-                items = self.generate(request, record)
+                items = self.generate(request, record, cache_salt)
             if self.shaper is not None:
                 items = self.shaper.shape(items, record.received)
             async with aclosing(items):
@@ -158,6 +158,8 @@ class Worker:
                     if not item.empty:
                         record.last_item = time.monotonic()
                         record.first_item = record.first_item or record.last_item
+                    # Each item names its request and its place (v1.2).
+                    item = dataclasses.replace(item, request=binding, seq=record.items)
                     record.items += 1
                     yield channel.seal_item(item)
         except ProtocolError as error:
@@ -195,13 +197,15 @@ class Worker:
             return 0.0
         return self.engine.get_num_unfinished_requests() / self.max_items_per_s
 
-    async def generate(self, request: Request, record: JobRecord) -> AsyncIterator[StreamItem]:
+    async def generate(
+        self, request: Request, record: JobRecord, cache_salt: str | None = None
+    ) -> AsyncIterator[StreamItem]:
         """The engine's deltas for one request, as items: whenever a delta
         brings something, the item holds everything pending (so a consumer
         that skips some loses nothing); the last carries finish_reason and
         usage. Keeps `record` up to date."""
         request_id = record.job
-        plan = await self.planner.plan(request)
+        plan = await self.planner.plan(request, cache_salt)
         record.prompt_tokens = len(plan.engine_input["prompt_token_ids"])
         finished = stopped = False
         pending = Delta()

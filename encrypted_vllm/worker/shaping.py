@@ -24,7 +24,10 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
+from encrypted_vllm.wire.channel import REQUEST_BINDING_CHARS
 from encrypted_vllm.wire.protocol import StreamItem, ToolCallDelta
+
+MAX_SEQ = 10**7 - 1
 
 # An entry of log-probabilities (20 alternatives, say) may not fit a bucket,
 # and cannot be split.
@@ -71,7 +74,10 @@ class Shaping:
                     await producer
 
     def _fits(self, item: StreamItem) -> bool:
-        return len(item.to_json()) <= self.bucket
+        # Measured as it will be sealed: naming its request and its place
+        # (a stream of up to ten million items).
+        bound = replace(item, request="-" * REQUEST_BINDING_CHARS, seq=MAX_SEQ)
+        return len(bound.to_json()) <= self.bucket
 
 
 class _Buffer:

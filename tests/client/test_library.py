@@ -333,7 +333,7 @@ def test_a_json_schema_job_runs_encrypted_through_the_worker(live):
 def test_describe_tells_what_the_endpoint_serves(live):
     with live.client() as endpoint:
         card = endpoint.describe()
-    assert card.protocol == "1.1" and card.model == "Org/Tiny-Model"
+    assert card.protocol == "1.2" and card.model == "Org/Tiny-Model"
     assert (card.max_model_len, card.tool_call_parser, card.chat_template) == (2048, "hermes", True)
 
 

@@ -134,6 +134,8 @@ def api_error(error: Exception) -> ApiError:
         if error.code is ErrorCode.REPLAYED:
             return _server_error(500, f"the worker refused the job: {reason}", "replayed")
         return _server_error(502, f"RunPod ended the job: {error}", "job_failed")
+    if isinstance(error, client.StreamIntegrityError):
+        return _server_error(502, str(error), "stream_integrity", retry=False)
     if isinstance(error, client.DecryptionFailed):
         message = KEY_MISMATCH.format("the gateway cannot decrypt the worker's answer")
         return _server_error(500, message, "decryption_failed", retry=False)
