@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import email.parser
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -241,3 +242,26 @@ def test_the_client_side_needs_no_python_newer_than_3_10():
         ]
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# Modules and calls that Windows lacks (the standard library's own docs mark
+# them Unix-only): none may appear on the client side, guarded or not.
+POSIX_ONLY = re.compile(
+    r"\b(import (fcntl|termios|pwd|grp|resource)|os\.(fork|killpg|setsid|getuid|getpgid)"
+    r"|signal\.SIG(KILL|STOP|CHLD|HUP)|preexec_fn|process_group)\b"
+)
+
+
+def test_the_client_side_makes_no_posix_only_call():
+    files = [
+        path
+        for side in ("wire", "client")
+        for path in (ROOT / "encrypted_vllm" / side).rglob("*.py")
+    ]
+    found = {
+        f"{path.relative_to(ROOT)}: {match.group(0)}"
+        for path in files
+        for match in POSIX_ONLY.finditer(path.read_text())
+    }
+    assert found == set()
+    assert len(files) >= 10

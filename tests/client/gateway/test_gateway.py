@@ -10,6 +10,8 @@ itself over RunPod's job API."""
 from __future__ import annotations
 
 import asyncio
+import collections
+import dataclasses
 import json
 import os
 import socket
@@ -543,10 +545,13 @@ def test_the_gateway_will_not_listen_beyond_loopback_without_a_key():
 
 class PlayedWorker:
     """This test as the worker of a loopback endpoint, over the job API that
-    the runpod SDK's worker loop uses."""
+    the runpod SDK's worker loop uses; its items name their request and
+    place, as the worker's do (protocol v1.2)."""
 
     def __init__(self, serving: local_endpoint.Serving, key: str):
         self.channel = channel.Channel(key)
+        self._bindings: dict[str, str] = {}
+        self._posted: collections.Counter[str] = collections.Counter()
         # The SDK worker sends its key bare, and posts JSON labelled as form data.
         self._http = httpx.Client(
             base_url=serving.url, headers={"Authorization": serving.endpoint.api_key}, timeout=10
@@ -557,11 +562,15 @@ class PlayedWorker:
         while (taken := self._http.get("/job-take/played?gpu=LOCAL")).status_code == 204:
             assert time.monotonic() < deadline, "no job came"
         job = taken.json()
-        plaintext, _, _ = self.channel.open_request(job["input"]["ciphertext"])
+        token = job["input"]["ciphertext"]
+        plaintext, _, _ = self.channel.open_request(token)
+        self._bindings[job["id"]] = channel.request_binding(token)
         return job["id"], protocol.parse_request(plaintext)
 
     def stream(self, job_id: str, item: StreamItem, sealer: channel.Channel | None = None) -> None:
-        self._post("job-stream", job_id, {"output": (sealer or self.channel).seal_item(item)})
+        bound = dataclasses.replace(item, request=self._bindings[job_id], seq=self._posted[job_id])
+        self._posted[job_id] += 1
+        self._post("job-stream", job_id, {"output": (sealer or self.channel).seal_item(bound)})
 
     def fail(self, job_id: str, error: str) -> None:
         self._post("job-done", job_id, {"error": error})
