@@ -10,6 +10,7 @@ the text; honest loss of the stream's final item is recovered from
 from __future__ import annotations
 
 import os
+import time
 
 import httpx
 import openai
@@ -71,12 +72,20 @@ def by_items(client, prompt):
         return "".join(item.text for item in items)
 
 
+def completed(status, timeout_s: float = 60.0):
+    """Polls `status()` every 20 ms until the job is COMPLETED; its last answer."""
+    deadline = time.monotonic() + timeout_s
+    while (answer := status())["status"] != "COMPLETED":
+        assert time.monotonic() < deadline, "the job did not complete"
+        time.sleep(0.02)
+    return answer
+
+
 def by_status(client, prompt):
     """A finished job read back later: /stream was drained by another
     reader, so its items come from /status."""
     job = client.submit(**request(prompt))
-    while job.status() != "COMPLETED":
-        pass
+    completed(lambda: {"status": job.status()})
     client._call("GET", f"/stream/{job.id}")
     return job.result().text
 
@@ -167,10 +176,8 @@ def test_the_raw_stream_carries_the_binding_and_the_order(tampering):
     sealed = channel.seal_request(validate_request(**request("The raw stream.")))
     job_id = tampering.submit_raw(sealed)
     headers = {"Authorization": f"Bearer {tampering.endpoint.api_key}"}
-    while (status := httpx.get(f"{tampering.serving.url}/status/{job_id}", headers=headers).json())[
-        "status"
-    ] != "COMPLETED":
-        pass
+    url = f"{tampering.serving.url}/status/{job_id}"
+    status = completed(lambda: httpx.get(url, headers=headers).json())
     items = [channel.open_item(output) for output in status["output"]]
     assert [item.seq for item in items] == list(range(len(items)))
     assert {item.request for item in items} == {request_binding(sealed["ciphertext"])}
