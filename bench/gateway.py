@@ -2,17 +2,21 @@
 the client library, on the same loopback endpoint and real worker, side by
 side in one run.
 
-    .venv/bin/python bench/gateway.py [--concurrency 1,64] [--tokens 128]
+    .venv/bin/python bench/gateway.py [--api chat|responses|messages]
+                                      [--concurrency 1,64] [--tokens 128]
 
   (a) library: `client.AsyncClient` streaming in this process;
   (b) http:    `python3 gateway.py --base-url ...` in its own process, as a
                user runs it, streamed by plain HTTP (httpx reading the SSE
                lines, as curl or any minimal caller would) in this one;
-  (c) sdk:     the same gateway, streamed by `openai.AsyncOpenAI`.
+  (c) sdk:     the same gateway, streamed by the API's own SDK
+               (`openai.AsyncOpenAI`, or `anthropic.AsyncAnthropic`).
 
-All send the same chat request (greedy, --tokens tokens, ignoring EOS)
-through the same client library code, (a) to the endpoint, (b) and (c) to
-the gateway. (b) minus (a) is what the gateway adds, the goals' measure;
+--api picks the gateway's route: OpenAI's chat completions (the default),
+OpenAI's Responses API or Anthropic's Messages API. All send the same chat
+(greedy, --tokens tokens; the tiny model never stops by itself, so every
+stream has them all) through the same client library code, (a) to the
+endpoint, (b) and (c) to the gateway. (b) minus (a) is what the gateway adds, the goals' measure;
 (c) minus (b) is what the openai SDK itself costs its caller. It serves a
 loopback endpoint and starts the real worker (`rp_handler.py`, MODELS unset:
 the tiny offline model), warms all up, then at each concurrency C runs
@@ -51,6 +55,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
+import anthropic  # noqa: E402
 import httpx  # noqa: E402
 import openai  # noqa: E402
 import psutil  # noqa: E402
@@ -123,32 +128,57 @@ class Library:
 
 
 class Http:
-    """(b): plain HTTP, through the gateway."""
+    """(b): plain HTTP, through the gateway: each API's streaming request,
+    its SSE events read line by line."""
 
-    def __init__(self, http: httpx.AsyncClient, model: str, tokens: int):
-        self.http = http
-        self.body = {
-            "model": model,
-            "max_tokens": tokens,
-            "temperature": 0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            "ignore_eos": True,
-        }
+    def __init__(self, http: httpx.AsyncClient, api: str, model: str, tokens: int):
+        self.http, self.api = http, api
+        self.path = {"chat": "chat/completions", "responses": "responses", "messages": "messages"}[
+            api
+        ]
+        self.body = {"model": model, "temperature": 0, "stream": True}
+        if api == "chat":
+            self.body.update(
+                max_tokens=tokens, stream_options={"include_usage": True}, ignore_eos=True
+            )
+        elif api == "responses":
+            self.body["max_output_tokens"] = tokens
+        else:
+            self.body["max_tokens"] = tokens
+
+    def _body(self, prompt: str) -> dict:
+        key = "input" if self.api == "responses" else "messages"
+        return {**self.body, key: messages(prompt)}
+
+    def _read(self, event: dict) -> tuple[str | None, int | None]:
+        """An event's text, and the completion's tokens if it says them."""
+        if self.api == "chat":
+            usage = event.get("usage")
+            text = event["choices"][0]["delta"].get("content") if event["choices"] else None
+            return text, usage["completion_tokens"] if usage else None
+        kind = event["type"]
+        if self.api == "responses":
+            if kind == "response.output_text.delta":
+                return event["delta"], None
+            if kind in ("response.completed", "response.incomplete"):
+                return None, event["response"]["usage"]["output_tokens"]
+            return None, None
+        if kind == "content_block_delta" and event["delta"]["type"] == "text_delta":
+            return event["delta"]["text"], None
+        if kind == "message_delta":
+            return None, event["usage"]["output_tokens"]
+        return None, None
 
     async def run(self, prompt: str, keep_text: bool) -> Stream:
         started = time.monotonic()
         first, pieces, tokens = None, [], 0
-        body = {**self.body, "messages": messages(prompt)}
-        async with self.http.stream("POST", "chat/completions", json=body) as response:
+        async with self.http.stream("POST", self.path, json=self._body(prompt)) as response:
             response.raise_for_status()
             async for line in response.aiter_lines():
                 if not line.startswith("data: {"):
-                    continue  # blank separators, and [DONE]
-                chunk = json.loads(line[len("data: ") :])
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-                text = chunk["choices"][0]["delta"].get("content") if chunk["choices"] else None
+                    continue  # event names, blank separators, and [DONE]
+                text, said = self._read(json.loads(line[len("data: ") :]))
+                tokens = said if said is not None else tokens
                 if text:
                     first = first or time.monotonic()
                     pieces.append(text)
@@ -156,31 +186,62 @@ class Http:
 
 
 class Sdk:
-    """(c): the OpenAI SDK, through the gateway."""
+    """(c): the API's own SDK, through the gateway."""
 
-    def __init__(self, sdk: openai.AsyncOpenAI, model: str, tokens: int):
-        self.sdk, self.model, self.tokens = sdk, model, tokens
+    def __init__(self, sdk, api: str, model: str, tokens: int):
+        self.sdk, self.api, self.model, self.tokens = sdk, api, model, tokens
 
     async def run(self, prompt: str, keep_text: bool) -> Stream:
         started = time.monotonic()
         first, pieces, tokens = None, [], 0
-        stream = await self.sdk.chat.completions.create(
-            model=self.model,
-            messages=messages(prompt),
-            max_tokens=self.tokens,
-            temperature=0,
-            stream=True,
-            stream_options={"include_usage": True},
-            extra_body={"ignore_eos": True},
-        )
-        async for chunk in stream:
-            if chunk.usage is not None:
-                tokens = chunk.usage.completion_tokens
-            text = chunk.choices[0].delta.content if chunk.choices else None
+        async for text, said in self._events(prompt):
+            tokens = said if said is not None else tokens
             if text:
                 first = first or time.monotonic()
                 pieces.append(text)
         return Stream(first - started, tokens, "".join(pieces) if keep_text else None)
+
+    async def _events(self, prompt: str):
+        """(text, tokens) of each event, as the SDK gives them."""
+        if self.api == "chat":
+            stream = await self.sdk.chat.completions.create(
+                model=self.model,
+                messages=messages(prompt),
+                max_tokens=self.tokens,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True},
+            )
+            async for chunk in stream:
+                text = chunk.choices[0].delta.content if chunk.choices else None
+                yield text, chunk.usage.completion_tokens if chunk.usage else None
+        elif self.api == "responses":
+            stream = await self.sdk.responses.create(
+                model=self.model,
+                input=messages(prompt),
+                max_output_tokens=self.tokens,
+                temperature=0,
+                stream=True,
+            )
+            async for event in stream:
+                if event.type == "response.output_text.delta":
+                    yield event.delta, None
+                elif event.type in ("response.completed", "response.incomplete"):
+                    yield None, event.response.usage.output_tokens
+        else:
+            stream = await self.sdk.messages.create(
+                model=self.model,
+                messages=messages(prompt),
+                max_tokens=self.tokens,
+                temperature=0,
+                stream=True,
+            )
+            async for event in stream:
+                if event.type == "content_block_delta" and event.delta.type == "text_delta":
+                    yield event.delta.text, None
+                elif event.type == "message_delta":
+                    yield None, event.usage.output_tokens
 
 
 async def run_round(variant, prompts: list[str], concurrency: int, level: Level) -> None:
@@ -276,15 +337,22 @@ async def measure(serving: Serving, key: str, gateway_url: str, gateway_pid: int
     endpoint = client.AsyncClient(
         base_url=serving.url, api_key=serving.endpoint.api_key, encryption_key=key
     )
-    sdk = openai.AsyncOpenAI(base_url=gateway_url, api_key="unused", max_retries=0, timeout=600)
+    openai_sdk = openai.AsyncOpenAI(
+        base_url=gateway_url, api_key="unused", max_retries=0, timeout=600
+    )
+    sdk = openai_sdk
+    if args.api == "messages":
+        sdk = anthropic.AsyncAnthropic(
+            base_url=gateway_url.removesuffix("/v1"), api_key="unused", max_retries=0, timeout=600
+        )
     http = httpx.AsyncClient(
         base_url=gateway_url + "/", timeout=600, limits=httpx.Limits(max_connections=None)
     )
-    model = (await sdk.models.list()).data[0].id
+    model = (await openai_sdk.models.list()).data[0].id
     variants = {
         "library": Library(endpoint, args.tokens),
-        "http": Http(http, model, args.tokens),
-        "sdk": Sdk(sdk, model, args.tokens),
+        "http": Http(http, args.api, model, args.tokens),
+        "sdk": Sdk(sdk, args.api, model, args.tokens),
     }
     # The loopback endpoint serves from a thread of this process: its CPU is
     # RunPod's, not the caller's.
@@ -331,6 +399,7 @@ async def measure(serving: Serving, key: str, gateway_url: str, gateway_pid: int
             print(f"  concurrency {concurrency}: done", file=sys.stderr)
     finally:
         await endpoint.aclose()
+        await openai_sdk.close()
         await sdk.close()
         await http.aclose()
     return results
@@ -341,7 +410,8 @@ def report(results: dict, args) -> None:
         f"{'C':>4} {'variant':8} {'tok/s':>9} {'TTFT p50':>9} {'p95':>8} "
         f"{'CPU us/token':>20}   against (a): medians of paired rounds, 95% intervals"
     )
-    print(f"\n{args.tokens} tokens a stream, greedy; times in ms\n\n{head}\n{'-' * len(head)}")
+    title = f"{args.api}: {args.tokens} tokens a stream, greedy; times in ms"
+    print(f"\n{title}\n\n{head}\n{'-' * len(head)}")
     for concurrency, level in results.items():
         for name in VARIANTS:
             s = level[name]
@@ -369,6 +439,7 @@ def report(results: dict, args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--api", choices=("chat", "responses", "messages"), default="chat")
     parser.add_argument("--concurrency", default="1,64", help="comma-separated levels")
     parser.add_argument("--tokens", type=int, default=128, help="output tokens per stream")
     parser.add_argument("--streams-per-client", type=int, default=4)
@@ -395,7 +466,11 @@ def main() -> None:
             worker.stop()
 
     report(results, args)
-    result = {"tokens_per_stream": args.tokens, "levels": {str(c): v for c, v in results.items()}}
+    result = {
+        "api": args.api,
+        "tokens_per_stream": args.tokens,
+        "levels": {str(c): v for c, v in results.items()},
+    }
     print(f"\nlogs: {logs}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

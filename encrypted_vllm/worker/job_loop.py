@@ -25,20 +25,26 @@ Rules:
 - `serverless.start` takes no scaler of ours, so `run_worker` does what the
   SDK's own `run_worker` does (fitness checks, heartbeat, the loop); it
   leaves out the SDK's local test modes, which `rp_handler.py` refuses.
+- Each job runs through `stream_job`, not the SDK's `rp_job.handle_job`:
+  the same posts (each item to the job-stream URL, then the aggregate to
+  job-done, with the SDK's retries of a 5xx), without what the SDK spends
+  on every item besides the post (see `stream_job`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import signal
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
 from runpod.http_client import AsyncClientSession, ClientSession, TooManyRequests
-from runpod.serverless.modules import rp_scale
+from runpod.serverless.modules import rp_http, rp_scale
 from runpod.serverless.modules.rp_http import send_result
 from runpod.serverless.modules.rp_job import _job_stop_url, get_stop_signals
 
@@ -48,6 +54,64 @@ SDK_VERSION = "1.10.0"
 # round trip, far shorter than a stop's budget.
 TAKE_SETTLE_S = 0.2
 log = rp_scale.log  # the SDK's own logger, at RUNPOD_LOG_LEVEL
+# The SDK's item posts: its headers, and its retries (aiohttp_retry's
+# FibonacciRetry(attempts=3): a 5xx answer is tried again after 2 s, then
+# 3 s; an exception is not retried).
+POST_HEADERS = {"charset": "utf-8", "Content-Type": "application/x-www-form-urlencoded"}
+POST_RETRY_WAITS_S = (2.0, 3.0)
+INTERNAL_ERROR = "ENGINE_ERROR: internal error in the worker"
+
+
+async def stream_job(session: ClientSession, config: dict[str, Any], job: dict) -> None:
+    """`rp_job.handle_job` for this worker's handler, an async generator
+    that never raises: each item posted to the job-stream URL as the SDK
+    posts it (`{"output": item}`, `isStream=false`, the job's id in
+    `X-Request-ID`), the items aggregated (`return_aggregate_stream`) or an
+    `{"error": ...}` item ending the job, then the result sent with the
+    SDK's own `send_result`.
+
+    What the SDK spends on every item and this does not: two f-strings of
+    the item for debug lines that RUNPOD_LOG_LEVEL never prints (formatted
+    all the same: the ciphertext, twice), a new retry client and retry
+    policy, and a write to the session's shared headers."""
+    url = rp_http.JOB_STREAM_URL.replace("$ID", job["id"]) + "&isStream=false"
+    headers = {**POST_HEADERS, "X-Request-ID": job["id"]}
+    aggregate = config.get("return_aggregate_stream", False)
+    result: dict[str, Any] = {"output": []}
+    try:
+        async for output in config["handler"](job):
+            if isinstance(output, dict) and output.get("error"):
+                result = {"error": str(output["error"])}
+                break
+            if aggregate:
+                result["output"].append(output)
+            body = json.dumps({"output": output}, ensure_ascii=False)
+            await _post_item(session, url, body, headers, job["id"])
+    except Exception as error:
+        # Never the SDK's way (a traceback, possibly with request content,
+        # as the job's error): the handler's own rule, kept here too.
+        log.error(f"Handler failed: {type(error).__name__}", job["id"])
+        result = {"error": INTERNAL_ERROR}
+    await send_result(session, result, job, is_stream=True)
+
+
+async def _post_item(
+    session: ClientSession, url: str, body: str, headers: dict[str, str], job_id: str
+) -> None:
+    for wait_s in (*POST_RETRY_WAITS_S, None):
+        try:
+            async with session.post(url, data=body, headers=headers) as response:
+                if response.status >= 500 and wait_s is not None:
+                    await asyncio.sleep(wait_s)
+                    continue
+                response.raise_for_status()
+                await response.read()
+            return
+        except aiohttp.ClientError as error:
+            # As the SDK: logged, and the stream goes on; its aggregate,
+            # sent at the end, still holds the item.
+            log.error(f"Failed to return job results. | {type(error).__name__}", job_id)
+            return
 
 
 class EventJobScaler(rp_scale.JobScaler):
@@ -64,6 +128,7 @@ class EventJobScaler(rp_scale.JobScaler):
         cut_off_error: str = "the worker stopped",
     ):
         super().__init__(config)
+        self.jobs_handler = stream_job
         self.grace_s, self.cancel_after_s = grace_s, cancel_after_s
         self.on_grace_expired = on_grace_expired
         # The error of a job still running when even the grace's end did

@@ -32,6 +32,7 @@ MAX_SEQ = 10**7 - 1
 # An entry of log-probabilities (20 alternatives, say) may not fit a bucket,
 # and cannot be split.
 NO_LOGPROBS = "logprobs are not offered with constant-rate streaming (STREAM_INTERVAL_MS)"
+NO_EMBEDDINGS = "embeddings are not offered with constant-rate streaming (STREAM_INTERVAL_MS)"
 
 
 @dataclass(frozen=True)

@@ -333,8 +333,23 @@ def test_a_json_schema_job_runs_encrypted_through_the_worker(live):
 def test_describe_tells_what_the_endpoint_serves(live):
     with live.client() as endpoint:
         card = endpoint.describe()
-    assert card.protocol == "1.2" and card.model == "Org/Tiny-Model"
+    assert card.protocol == "1.3" and card.model == "Org/Tiny-Model"
     assert (card.max_model_len, card.tool_call_parser, card.chat_template) == (2048, "hermes", True)
+    assert (card.task, card.dimensions, card.matryoshka) == ("generate", None, False)
+
+
+async def test_an_answer_names_the_stop_string_that_ended_it(live, engine, hf_tokenizer):
+    prompt = "Stop somewhere in here."
+    whole = await expected_text(engine, hf_tokenizer, prompt, 24)
+    # A stop string of the greedy text's letters, past its start.
+    start = next(i for i in range(4, len(whole) - 3) if whole[i : i + 3].isalpha())
+    stop = whole[start : start + 3]
+    with live.client() as endpoint:
+        stopped = endpoint.run_sync(prompt, sampling_params={**GREEDY, "stop": ["\u2603", stop]})
+        not_stopped = endpoint.run_sync(prompt, sampling_params=GREEDY)
+    assert (stopped.text, stopped.finish_reason) == (whole[: whole.index(stop)], "stop")
+    assert stopped.stop_sequence == stop
+    assert (not_stopped.finish_reason, not_stopped.stop_sequence) == ("length", None)
 
 
 def test_an_empty_prompt_is_refused_here_with_a_detailed_message(live):

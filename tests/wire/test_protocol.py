@@ -1,4 +1,4 @@
-"""Wire protocol v1.1 without an engine: every field's rules and limits,
+"""Wire protocol v1.3 without an engine: every field's rules and limits,
 the worker's terse refusals and the client's detailed ones, and the stream
 items' JSON."""
 
@@ -41,6 +41,11 @@ def refusal(plaintext: bytes | dict) -> ProtocolError:
             {"prompt": "a", "sampling_params": {"stop_token_ids": [1] * 65}},
             "MAX_STOP_TOKEN_IDS",
         ),
+        ({"embed": {"input": ["a"] * (protocol.MAX_EMBED_INPUTS + 1)}}, "MAX_EMBED_INPUTS"),
+        (
+            {"embed": {"input": [[1] * (protocol.MAX_EMBED_INPUT_TOKENS + 1)]}},
+            "MAX_EMBED_INPUT_TOKENS",
+        ),
     ],
 )
 def test_schema_limits_are_refused_naming_the_limit(plaintext, limit):
@@ -74,6 +79,23 @@ def test_schema_limits_are_refused_naming_the_limit(plaintext, limit):
             "a request field has a value it does not allow",
         ),
         (b'{"messages": [{"role": "user"}]}', "request lacks a required field"),
+        (b'{"embed": {"input": ["a", ""]}}', "an embeddings input is empty"),
+        (b'{"embed": {"input": [[]]}}', "an embeddings input is empty"),
+        (b'{"embed": {"input": [[-1]]}}', "a request field has the wrong type"),
+        (b'{"embed": {"input": []}}', "a request field has a value it does not allow"),
+        (b'{"embed": {"input": ["a"]}, "prompt": "b"}', "embed takes no other field"),
+        (
+            b'{"embed": {"input": ["a"]}, "sampling_params": {"max_tokens": 2}}',
+            "embed takes no other field",
+        ),
+        (
+            b'{"embed": {"input": ["a"], "truncate_prompt_tokens": 0}}',
+            "truncate_prompt_tokens is -1 or a count of tokens to keep",
+        ),
+        (
+            b'{"embed": {"input": ["a"], "dimensions": 0}}',
+            "a request field has a value it does not allow",
+        ),
         (
             b'{"prompt": "a",'
             b' "structured_output": {"json_schema": {"enum": [-9223372036854775809]}}}',
@@ -110,3 +132,36 @@ def test_error_strings_parse_back_into_codes():
         "this token was already accepted by this worker",
     )
     assert ProtocolError.parse("handler: Traceback ...") is None
+
+
+def test_an_embedding_travels_as_little_endian_float32_in_base64():
+    embedding = protocol.Embedding.of(3, [0.5, -1.25, 1e-3])
+    assert embedding.base64 == "AAAAPwAAoL9vEoM6"  # struct.pack("<3f", ...), base64
+    assert embedding.vector == pytest.approx([0.5, -1.25, 1e-3], rel=1e-6)
+    item = protocol.StreamItem(
+        embeddings=(embedding,), finish_reason="stop", usage=protocol.Usage(7, 0)
+    )
+    assert json.loads(item.to_json())["embeddings"] == [{"index": 3, "embedding": embedding.base64}]
+    assert protocol.StreamItem.from_json(item.to_json()) == item
+    assert not item.empty and not protocol.StreamItem(embeddings=(embedding,)).empty
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"text": "", "embeddings": [{"index": -1, "embedding": "AAAAPw=="}]},
+        {"text": "", "embeddings": [{"index": 0, "embedding": [0.5]}]},
+        {"text": "", "stop_sequence": 7},
+    ],
+)
+def test_an_items_new_fields_are_checked_when_read(body):
+    with pytest.raises(TypeError):
+        protocol.StreamItem.from_json(json.dumps(body).encode())
+
+
+def test_the_stop_string_that_ended_an_answer_is_named():
+    item = protocol.StreamItem(
+        "done", finish_reason="stop", usage=protocol.Usage(1, 1), stop_sequence="END"
+    )
+    assert json.loads(item.to_json())["stop_sequence"] == "END"
+    assert protocol.StreamItem.from_json(item.to_json()).stop_sequence == "END"

@@ -40,6 +40,67 @@ async def test_a_job_stopped_before_its_task_first_runs_frees_its_slot(tmp_path,
     assert scaler.job_progress.get(job["id"]) is None
 
 
+async def _take_and_run(serving, handler) -> local_endpoint.Job:
+    """One job submitted to the loopback endpoint, taken over RunPod's job
+    API and run by `stream_job` with an aiohttp session, as the worker loop
+    runs it."""
+    import aiohttp
+    import httpx
+    from runpod.serverless.modules import rp_http
+
+    endpoint, env = serving.endpoint, serving.worker_env("w")
+    bearer = {"Authorization": f"Bearer {endpoint.api_key}"}
+    job_id = httpx.post(f"{serving.url}/run", json={"input": {}}, headers=bearer).json()["id"]
+    taken = httpx.get(env["RUNPOD_WEBHOOK_GET_JOB"].replace("$ID", "w"), headers=bearer)
+    assert taken.json()["id"] == job_id
+    with pytest.MonkeyPatch.context() as patch:
+        for name, variable in (
+            ("JOB_STREAM_URL", "RUNPOD_WEBHOOK_POST_STREAM"),
+            ("JOB_DONE_URL", "RUNPOD_WEBHOOK_POST_OUTPUT"),
+        ):
+            patch.setattr(rp_http, name, env[variable].replace("$RUNPOD_POD_ID", "w"))
+        async with aiohttp.ClientSession(headers={"Authorization": endpoint.api_key}) as session:
+            config = {"handler": handler, "return_aggregate_stream": True}
+            await job_loop.stream_job(session, config, {"id": job_id, "input": {}})
+    return endpoint.jobs[job_id]
+
+
+async def test_each_item_is_posted_once_then_the_aggregate():
+    async def three_items(job):
+        for n in range(3):
+            yield {"ciphertext": f"item-{n}"}
+
+    with local_endpoint.Serving(local_endpoint.LocalEndpoint()) as serving:
+        job = await _take_and_run(serving, three_items)
+    items = [{"ciphertext": f"item-{n}"} for n in range(3)]
+    assert (job.status, job.output, job.error) == ("COMPLETED", items, None)
+    assert len(job.posts) == 3
+
+
+async def test_an_error_item_ends_the_job_and_a_raising_handler_leaks_nothing(capfd):
+    async def refused(job):
+        yield {"ciphertext": "item-0"}
+        yield {"error": "INVALID_INPUT: a fixed reason"}
+        yield {"ciphertext": "never posted"}
+
+    async def raising(job):
+        yield {"ciphertext": "item-0"}
+        raise RuntimeError("CANARY-3f1 from a request")
+
+    with local_endpoint.Serving(local_endpoint.LocalEndpoint()) as serving:
+        failed = await _take_and_run(serving, refused)
+        broken = await _take_and_run(serving, raising)
+    assert (failed.status, failed.error, len(failed.posts)) == (
+        "FAILED",
+        "INVALID_INPUT: a fixed reason",
+        1,
+    )
+    assert (broken.status, broken.error) == ("FAILED", job_loop.INTERNAL_ERROR)
+    printed = "".join(capfd.readouterr())
+    assert "Handler failed: RuntimeError" in printed
+    assert "CANARY" not in printed + str(broken.output)
+
+
 def test_the_job_loop_is_written_for_this_sdk_version():
     # It overrides JobScaler's loops and reads their attributes: a new SDK
     # version must be read before it is allowed in.

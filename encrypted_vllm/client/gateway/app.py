@@ -1,21 +1,25 @@
-"""The gateway's ASGI app: OpenAI's HTTP API, each call turned into an
-encrypted job on a RunPod endpoint, so that OpenAI clients and agent
-frameworks use it unchanged. `cli` serves it on loopback
-(`encrypted-vllm-gateway`); `in_process` serves it inside the caller's
-process. Routes: `POST
-/v1/chat/completions` and `POST /v1/completions` (streamed or not), `GET
+"""The gateway's ASGI app: OpenAI's and Anthropic's HTTP APIs, each call
+turned into an encrypted job on a RunPod endpoint, so that their SDKs and
+the agent frameworks built on them work unchanged. `cli` serves it on
+loopback (`encrypted-vllm-gateway`); `in_process` serves it inside the
+caller's process. Routes: `POST /v1/chat/completions`, `POST
+/v1/completions` (`openai_chat`), `POST /v1/responses`
+(`openai_responses`) and `POST /v1/messages` (`anthropic_messages`),
+streamed or not; `POST /v1/embeddings` (`openai_embeddings`); `GET
 /v1/models`, `GET /health`. docs/gateway.md has the configuration file and
-calls from the openai SDK, curl, LangChain and Agno.
+calls from each SDK, curl, LangChain, Agno and the OpenAI Agents SDK.
 
 Rules:
 - One code path: `client.AsyncClient` submits, streams, retries and cancels
-  every job; this module routes, and `openai_chat` translates.
+  every job; this module routes, and each API's module translates (the
+  contract is `api.RouteRequest`).
 - The keys never leave this process, and only ciphertext leaves it towards
   RunPod. It listens beyond loopback only when GATEWAY_API_KEY is set, and
-  then every caller must send that key as its bearer token.
+  then every caller must send that key, as its bearer token or `x-api-key`.
 - A response's status waits for the job's first item: until it arrives,
-  every failure is an HTTP status with OpenAI's error object (`api_error`);
-  once it has, a stream that fails ends with one `data: {"error": ...}`.
+  every failure is an HTTP status with the API's error object (`api_error`,
+  written by the route's `error_body`); once it has, a stream that fails
+  ends with the API's error event.
 - A model's fallbacks serve a request when its endpoint cannot be reached,
   keeps answering 429 or 5xx through the client's retries, or fails the job
   with ENGINE_ERROR or WORKER_STOPPED, all before the job's first item;
@@ -38,7 +42,7 @@ import secrets
 import sys
 import time
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -52,8 +56,21 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from encrypted_vllm.client import library as client
-from encrypted_vllm.client.gateway import openai_chat
-from encrypted_vllm.client.gateway.openai_chat import InvalidRequest, error_body
+from encrypted_vllm.client.gateway import (
+    anthropic_messages,
+    openai_chat,
+    openai_embeddings,
+    openai_responses,
+)
+from encrypted_vllm.client.gateway.api import (
+    ApiError,
+    Event,
+    Events,
+    InvalidRequest,
+    RouteRequest,
+    openai_error_body,
+    parse_request,
+)
 from encrypted_vllm.client.library import AsyncClient, AsyncItemStream, ClientError
 from encrypted_vllm.wire.protocol import ErrorCode, StreamItem
 
@@ -69,33 +86,6 @@ MODEL_NAME = r"^[\w.:/@+-]{1,128}$"
 
 
 # --- Errors ----------------------------------------------------------------------
-
-
-class ApiError(Exception):
-    """A request answered with OpenAI's error object and an HTTP status.
-    `retry`: the `x-should-retry` header, which OpenAI's SDKs obey (None:
-    let the SDK decide by the status)."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        kind: str,
-        code: str | None = None,
-        param: str | None = None,
-        *,
-        retry: bool | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
-        self.code, self.param, self.retry = code, param, retry
-
-    def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.kind, self.param, self.code)
-
-    def response(self) -> JSONResponse:
-        headers = {} if self.retry is None else {"x-should-retry": str(self.retry).lower()}
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
 def _refused(message: str, param: str | None = None, code: str | None = None) -> ApiError:
@@ -399,9 +389,12 @@ class Opened:
         return self.stream.job.id
 
 
-def _as_sse(data: list[str]) -> bytes:
-    """SSE events of these data, framed by sse-starlette, as one write."""
-    return b"".join(ServerSentEvent(each, sep="\n").encode() for each in data)
+def _as_sse(events: list[Event]) -> bytes:
+    """These events, framed by sse-starlette, as one write."""
+    return b"".join(
+        (event if isinstance(event, ServerSentEvent) else ServerSentEvent(event, sep="\n")).encode()
+        for event in events
+    )
 
 
 class CallerLeft(Exception):
@@ -448,6 +441,9 @@ class Gateway:
             routes=[
                 Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
                 Route("/v1/completions", self.completions, methods=["POST"]),
+                Route("/v1/responses", self.responses, methods=["POST"]),
+                Route("/v1/messages", self.messages, methods=["POST"]),
+                Route("/v1/embeddings", self.embeddings, methods=["POST"]),
                 Route("/v1/models", self.list_models, methods=["GET"]),
                 Route("/health", self.health, methods=["GET"]),
             ],
@@ -465,12 +461,13 @@ class Gateway:
             await self.models.aclose()  # waits for the cancels of abandoned jobs
 
     def _authorize(self, request: Request) -> None:
+        """GATEWAY_API_KEY as the bearer token (OpenAI's SDKs) or as
+        `x-api-key` (Anthropic's)."""
         if self.api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(
-            token.strip().encode(), self.api_key.encode()
-        ):
+        given = token.strip() if scheme.lower() == "bearer" else request.headers.get("x-api-key")
+        if given is None or not secrets.compare_digest(given.encode(), self.api_key.encode()):
             raise ApiError(
                 401,
                 "Incorrect API key provided: give the client the gateway's GATEWAY_API_KEY.",
@@ -493,24 +490,32 @@ class Gateway:
             return self._failure(record, api_error(error))
         record.status, record.outcome = 200, "completed"
         record.log()
+        if "anthropic-version" in request.headers:  # the anthropic SDK's models.list()
+            return JSONResponse(anthropic_messages.model_list(names, self.started))
         return JSONResponse(openai_chat.model_list(names, self.started))
 
     async def chat_completions(self, request: Request) -> Response:
         return await self._complete(request, openai_chat.ChatCompletionRequest)
 
+    async def responses(self, request: Request) -> Response:
+        return await self._complete(request, openai_responses.ResponsesRequest)
+
+    async def messages(self, request: Request) -> Response:
+        return await self._complete(request, anthropic_messages.MessagesRequest)
+
     async def completions(self, request: Request) -> Response:
         return await self._complete(request, openai_chat.CompletionRequest)
 
-    async def _complete(
-        self,
-        request: Request,
-        request_model: type[openai_chat.RouteRequest],
-    ) -> Response:
+    async def embeddings(self, request: Request) -> Response:
+        return await self._complete(request, openai_embeddings.EmbeddingsRequest)
+
+    async def _complete(self, request: Request, request_model: type[RouteRequest]) -> Response:
         record = RequestRecord(route=request.url.path)
         created = int(time.time())
+        error_body = request_model.error_body
         try:
             self._authorize(request)
-            body = openai_chat.parse_request(request_model, await request.body())
+            body = parse_request(request_model, await request.body())
             record.stream = body.stream
             chain = await self.models.chain(body.model)
             record.model = body.model
@@ -522,11 +527,11 @@ class Gateway:
                     request, self._whole(chain, wire, record)
                 )
         except InvalidRequest as error:
-            return self._failure(record, _refused(error.message, error.param, error.code))
+            return self._failure(record, error.as_api_error(), error_body)
         except ApiError as error:
-            return self._failure(record, error)
+            return self._failure(record, error, error_body)
         except ClientError as error:
-            return self._failure(record, api_error(error))
+            return self._failure(record, api_error(error), error_body)
         except CallerLeft:
             record.status, record.outcome = 499, "disconnected"
             record.log()
@@ -534,24 +539,33 @@ class Gateway:
         except Exception as error:
             log.error("request: internal error %s", _where(error))
             failure = _server_error(500, "internal error in the gateway", "internal_error")
-            return self._failure(record, failure)
+            return self._failure(record, failure, error_body)
         head = {
             "response_id": body.id_prefix + opened.job_id,
             "created": created,
             "model": opened.provider_name,
         }
-        record.status = 200
         if body.stream:
+            record.status = 200
             events = self._events(opened, body.chunks(**head), record)
             return EventSourceResponse(events, sep="\n")
-        record.outcome = "completed"
+        try:
+            answer = body.answer(completion, **head)
+        except ApiError as error:  # an answer that cannot be right (e.g. vectors missing)
+            return self._failure(record, error, error_body)
+        record.status, record.outcome = 200, "completed"
         record.log()
-        return Response(body.answer(completion, **head), media_type="application/json")
+        return Response(answer, media_type="application/json")
 
-    def _failure(self, record: RequestRecord, error: ApiError) -> Response:
+    def _failure(
+        self,
+        record: RequestRecord,
+        error: ApiError,
+        error_body: Callable[[ApiError], dict[str, Any]] = openai_error_body,
+    ) -> Response:
         record.failed(error)
         record.log()
-        return error.response()
+        return JSONResponse(error_body(error), status_code=error.status, headers=error.headers)
 
     async def _open(
         self, chain: list[Provider], wire: dict[str, Any], record: RequestRecord
@@ -597,12 +611,12 @@ class Gateway:
     async def _events(
         self,
         opened: Opened,
-        chunks: openai_chat.ChatChunks | openai_chat.TextChunks,
+        chunks: Events,
         record: RequestRecord,
     ) -> AsyncIterator[bytes]:
         """A stream's events, those of one endpoint answer in one write: the
-        chunks of its items, and after the last, `[DONE]`; or, if the job
-        fails on the way, one error event."""
+        events of its items, up to those that end it; or, if the job fails
+        on the way, the API's error events."""
         pending = chunks.opening()
         try:
             async with opened.stream as stream:
@@ -612,7 +626,6 @@ class Gateway:
                     pending += chunks.of(items)
                     if items[-1].final:
                         record.outcome = "completed"
-                        pending.append("[DONE]")
                     yield _as_sse(pending)
                     pending = []
                     # After the last item this only lets the client library
@@ -624,12 +637,13 @@ class Gateway:
         except ClientError as error:
             failure = api_error(error)
             record.failed(failure)
-            yield _as_sse([json.dumps(failure.body())])
+            # `pending`: the opening events, if the failure came before them.
+            yield _as_sse([*pending, *chunks.failure(failure)])
         except Exception as error:
             log.error("stream: internal error %s", _where(error))
             failure = _server_error(500, "internal error in the gateway", "internal_error")
             record.failed(failure)
-            yield _as_sse([json.dumps(failure.body())])
+            yield _as_sse([*pending, *chunks.failure(failure)])
         finally:
             # Cancelled (the caller left, or the gateway stops) or closed early.
             record.outcome = record.outcome or "disconnected"

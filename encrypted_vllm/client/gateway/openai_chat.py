@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal
 
 from openai.types import Completion as TextCompletion
 from openai.types import CompletionChoice, CompletionUsage, Model
@@ -39,22 +39,20 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletio
 from openai.types.chat.chat_completion import Choice, ChoiceLogprobs
 from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
 from openai.types.chat.chat_completion_chunk import ChoiceDelta
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from encrypted_vllm.client.gateway.api import (
+    ApiError,
+    Event,
+    checked_wire_request,
+    openai_error_body,
+)
 from encrypted_vllm.client.library import Completion
 from encrypted_vllm.wire import protocol
 from encrypted_vllm.wire.protocol import StreamItem
 
 _OPENAI = ConfigDict(extra="forbid")  # an unknown field is refused, never dropped
 _INT64 = 2**63 - 1
-
-
-class InvalidRequest(Exception):
-    """A request refused before anything is sent: OpenAI's 400."""
-
-    def __init__(self, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.message, self.param, self.code = message, param, code
 
 
 # --- Requests -----------------------------------------------------------------
@@ -199,6 +197,8 @@ class _Sampling(BaseModel):
             raise ValueError("stream_options is only allowed when stream is true")
         return self
 
+    error_body = staticmethod(openai_error_body)
+
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
@@ -220,12 +220,7 @@ class _Sampling(BaseModel):
     def wire_request(self) -> dict[str, Any]:
         """The wire request's fields, checked by the wire protocol's schema
         (InvalidRequest names the field of this request at fault)."""
-        fields = self.to_wire()
-        try:
-            protocol.validate_request(**fields)
-        except ValidationError as error:
-            raise invalid_request(error, self._caller_param) from None
-        return fields
+        return checked_wire_request(self.to_wire(), self._caller_param)
 
     def _caller_param(self, loc: tuple) -> tuple:
         """A wire error's location, as a location in this request."""
@@ -335,61 +330,6 @@ class CompletionRequest(_Sampling):
         return {name: value for name, value in fields.items() if value is not None}
 
 
-RouteRequest = ChatCompletionRequest | CompletionRequest
-Parsed = TypeVar("Parsed", ChatCompletionRequest, CompletionRequest)
-
-
-def parse_request(model: type[Parsed], body: bytes) -> Parsed:
-    """The request body, validated; InvalidRequest names what is wrong."""
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as error:
-        raise invalid_request(error) from None
-
-
-# Location parts that name a type (a union's member) rather than a field.
-_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "none", "list", "dict"})
-
-
-def _param(loc: tuple) -> str | None:
-    """OpenAI's `param`: a field's path, `messages[1].content`."""
-    path = ""
-    for part in loc:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        elif not (part in _TYPE_NAMES or part[:1].isupper() or "[" in part):
-            path += f".{part}" if path else part
-    return path or None
-
-
-def invalid_request(error: ValidationError, locate=lambda loc: loc) -> InvalidRequest:
-    """One problem pydantic found, as OpenAI words a 400. `locate` turns a
-    location into one in the caller's request."""
-    details = error.errors(include_input=False, include_url=False, include_context=False)
-    # The wire protocol's own rules first; else the deepest problem: of a
-    # union's members (a string, or a list of parts), the one the caller meant.
-    reasons = [detail for detail in details if detail["type"] == protocol._REASON]
-    detail = reasons[0] if reasons else max(details, key=lambda detail: len(detail["loc"]))
-    kind, loc = detail["type"], locate(tuple(detail["loc"]))
-    param = _param(loc)
-    if kind == "json_invalid":
-        return InvalidRequest("We could not parse the JSON body of your request.")
-    if kind == "model_type" and param is None:
-        return InvalidRequest("The request body must be a JSON object.")
-    if kind == "extra_forbidden":  # the last part is the caller's own key, whatever it is
-        parent = _param(loc[:-1])
-        param = f"{parent}.{loc[-1]}" if parent else str(loc[-1])
-        return InvalidRequest(
-            f"Unrecognized request argument supplied: '{param}'.", param, "unsupported_parameter"
-        )
-    message = detail["msg"].removeprefix("Value error, ")
-    if kind == "missing":
-        return InvalidRequest(f"Missing required parameter: '{param}'.", param, "missing_required")
-    if param is None:
-        return InvalidRequest(f"Invalid request: {message}.", None, "invalid_value")
-    return InvalidRequest(f"Invalid value for '{param}': {message}.", param, "invalid_value")
-
-
 # --- Answers --------------------------------------------------------------------
 
 
@@ -457,7 +397,8 @@ def joined(items: list[StreamItem]) -> StreamItem:
     """Items that arrived together, as one: so that a stream's chunks follow
     its endpoint's answers, not the worker's item pacing. A tool call's
     fragments join as the worker joins them (one delta per call and chunk);
-    the finish_reason and usage are the last item's, the only one with them."""
+    the finish_reason, usage and stop_sequence are the last item's, the only
+    one with them."""
     if len(items) == 1:
         return items[0]
     calls: list[protocol.ToolCallDelta] = []
@@ -474,6 +415,7 @@ def joined(items: list[StreamItem]) -> StreamItem:
         reasoning="".join(item.reasoning for item in items),
         tool_calls=tuple(calls),
         logprobs=tuple(entry for item in items for entry in item.logprobs),
+        stop_sequence=items[-1].stop_sequence,
     )
 
 
@@ -489,16 +431,20 @@ class _Chunks:
             self._head["usage"] = None
         self.include_usage = include_usage
 
+    def failure(self, error: ApiError) -> list[Event]:
+        """One event with OpenAI's error object, and no `[DONE]`."""
+        return [json.dumps(openai_error_body(error))]
+
 
 class ChatChunks(_Chunks):
     """The chunks of one streamed chat completion."""
 
     OBJECT = "chat.completion.chunk"
 
-    def opening(self) -> list[str]:
+    def opening(self) -> list[Event]:
         return [self._chunk(ChoiceDelta(role="assistant", content=""))]
 
-    def of(self, items: list[StreamItem]) -> list[str]:
+    def of(self, items: list[StreamItem]) -> list[Event]:
         """The chunks of items that arrived together: their delta; after the
         last item, the finish_reason, and the usage when asked for."""
         item, chunks = joined(items), []
@@ -519,6 +465,8 @@ class ChatChunks(_Chunks):
         if item.usage is not None and self.include_usage:
             usage = {**self._head, "choices": [], "usage": usage_of(item.usage)}
             chunks.append(_json(ChatCompletionChunk(**usage)))
+        if item.final:
+            chunks.append("[DONE]")
         return chunks
 
     def _chunk(self, delta: ChoiceDelta, *, logprobs=None, finish_reason=None) -> str:
@@ -533,10 +481,10 @@ class TextChunks(_Chunks):
 
     OBJECT = "text_completion"
 
-    def opening(self) -> list[str]:
+    def opening(self) -> list[Event]:
         return []
 
-    def of(self, items: list[StreamItem]) -> list[str]:
+    def of(self, items: list[StreamItem]) -> list[Event]:
         item, chunks = joined(items), []
         if item.text:
             chunks.append(self._chunk(item.text))
@@ -545,6 +493,8 @@ class TextChunks(_Chunks):
         if item.usage is not None and self.include_usage:
             usage = {**self._head, "choices": [], "usage": usage_of(item.usage)}
             chunks.append(_json(TextCompletion.model_construct(**usage)))
+        if item.final:
+            chunks.append("[DONE]")
         return chunks
 
     def _chunk(self, text: str, finish_reason: str | None = None) -> str:
@@ -563,10 +513,3 @@ def model_list(names: list[str], created: int) -> dict[str, Any]:
         for name in names
     ]
     return {"object": "list", "data": models}
-
-
-def error_body(
-    message: str, kind: str, param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
-    """OpenAI's error object."""
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}

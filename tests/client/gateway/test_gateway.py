@@ -10,14 +10,11 @@ itself over RunPod's job API."""
 from __future__ import annotations
 
 import asyncio
-import collections
-import dataclasses
 import json
 import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -32,6 +29,7 @@ from encrypted_vllm.wire import channel, protocol
 from encrypted_vllm.wire.protocol import StreamItem
 from tests.gateway_process import GatewayProcess
 from tests.jobs import CLOCK, WEATHER, chat_prompt_ids, greedy_text
+from tests.played_worker import PlayedWorker, in_background
 
 ROOT = Path(__file__).resolve().parents[3]
 MODEL = "Org/Tiny-Model"  # what the live worker's card names (tests/conftest.py)
@@ -45,26 +43,6 @@ def wait_for(predicate, timeout_s: float = 10.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
-
-
-@pytest.fixture(scope="module")
-def gateway_key() -> str:
-    return channel.generate_key()  # any random text would do
-
-
-@pytest.fixture(scope="module")
-def gateway(live, gateway_key, tmp_path_factory):
-    """One endpoint, named by its worker's card; callers need GATEWAY_API_KEY."""
-    env = {
-        **os.environ,
-        "RUNPOD_API_KEY": live.endpoint.api_key,
-        "ENCRYPTION_KEY": live.key,
-        "GATEWAY_API_KEY": gateway_key,
-    }
-    log_path = tmp_path_factory.mktemp("gateway") / "gateway.log"
-    process = GatewayProcess(["--base-url", live.serving.url], env, log_path)
-    yield process
-    process.stop()
 
 
 @pytest.fixture
@@ -541,53 +519,6 @@ def test_the_gateway_will_not_listen_beyond_loopback_without_a_key():
 
 
 # --- Several endpoints: fallbacks and every failure's status -------------------------
-
-
-class PlayedWorker:
-    """This test as the worker of a loopback endpoint, over the job API that
-    the runpod SDK's worker loop uses; its items name their request and
-    place, as the worker's do (protocol v1.2)."""
-
-    def __init__(self, serving: local_endpoint.Serving, key: str):
-        self.channel = channel.Channel(key)
-        self._bindings: dict[str, str] = {}
-        self._posted: collections.Counter[str] = collections.Counter()
-        # The SDK worker sends its key bare, and posts JSON labelled as form data.
-        self._http = httpx.Client(
-            base_url=serving.url, headers={"Authorization": serving.endpoint.api_key}, timeout=10
-        )
-
-    def take(self, timeout_s: float = 20) -> tuple[str, protocol.Request]:
-        deadline = time.monotonic() + timeout_s
-        while (taken := self._http.get("/job-take/played?gpu=LOCAL")).status_code == 204:
-            assert time.monotonic() < deadline, "no job came"
-        job = taken.json()
-        token = job["input"]["ciphertext"]
-        plaintext, _, _ = self.channel.open_request(token)
-        self._bindings[job["id"]] = channel.request_binding(token)
-        return job["id"], protocol.parse_request(plaintext)
-
-    def stream(self, job_id: str, item: StreamItem, sealer: channel.Channel | None = None) -> None:
-        bound = dataclasses.replace(item, request=self._bindings[job_id], seq=self._posted[job_id])
-        self._posted[job_id] += 1
-        self._post("job-stream", job_id, {"output": (sealer or self.channel).seal_item(bound)})
-
-    def fail(self, job_id: str, error: str) -> None:
-        self._post("job-done", job_id, {"error": error})
-
-    def _post(self, kind: str, job_id: str, body: dict) -> None:
-        response = self._http.post(
-            f"/{kind}/played/{job_id}?gpu=LOCAL&isStream=false",
-            content=json.dumps(body),
-            headers={"Content-Type": "application/x-www-form-urlencoded"},
-        )
-        response.raise_for_status()
-
-
-def in_background(play) -> threading.Thread:
-    thread = threading.Thread(target=play, daemon=True)
-    thread.start()
-    return thread
 
 
 def closed_port() -> int:
