@@ -14,10 +14,11 @@ side in one run.
 
 --api picks the gateway's route: OpenAI's chat completions (the default),
 OpenAI's Responses API or Anthropic's Messages API. All send the same chat
-(greedy, --tokens tokens; the tiny model never stops by itself, so every
-stream has them all) through the same client library code, (a) to the
-endpoint, (b) and (c) to the gateway. (b) minus (a) is what the gateway adds, the goals' measure;
-(c) minus (b) is what the openai SDK itself costs its caller. It serves a
+(greedy, --tokens tokens, ignoring EOS on the chat route, the only one that
+takes vLLM's `ignore_eos`) through the same client library code, (a) to
+the endpoint, (b) and (c) to the gateway. (b) minus (a) is what the
+gateway adds, the goals' measure; (c) minus (b) is what the API's SDK
+itself costs its caller. It serves a
 loopback endpoint and starts the real worker (`rp_handler.py`, MODELS unset:
 the tiny offline model), warms all up, then at each concurrency C runs
 rounds in which C callers stream back to back (C x --streams-per-client
@@ -109,9 +110,9 @@ def messages(prompt: str) -> list[dict]:
 class Library:
     """(a): the client library, straight to the endpoint."""
 
-    def __init__(self, endpoint: client.AsyncClient, tokens: int):
+    def __init__(self, endpoint: client.AsyncClient, tokens: int, ignore_eos: bool):
         self.endpoint = endpoint
-        self.sampling = {"temperature": 0, "max_tokens": tokens, "ignore_eos": True}
+        self.sampling = {"temperature": 0, "max_tokens": tokens, "ignore_eos": ignore_eos}
 
     async def run(self, prompt: str, keep_text: bool) -> Stream:
         started = time.monotonic()
@@ -234,8 +235,8 @@ class Sdk:
                 model=self.model,
                 messages=messages(prompt),
                 max_tokens=self.tokens,
-                temperature=0,
                 stream=True,
+                extra_body={"temperature": 0},  # not an argument of the SDK's
             )
             async for event in stream:
                 if event.type == "content_block_delta" and event.delta.type == "text_delta":
@@ -345,12 +346,15 @@ async def measure(serving: Serving, key: str, gateway_url: str, gateway_pid: int
         sdk = anthropic.AsyncAnthropic(
             base_url=gateway_url.removesuffix("/v1"), api_key="unused", max_retries=0, timeout=600
         )
-    http = httpx.AsyncClient(
-        base_url=gateway_url + "/", timeout=600, limits=httpx.Limits(max_connections=None)
-    )
+    # Idle connections expire before uvicorn's keep-alive (5 s) ends them, so
+    # that a request never goes out on a connection the gateway is closing.
+    limits = httpx.Limits(max_connections=None, keepalive_expiry=1.0)
+    http = httpx.AsyncClient(base_url=gateway_url + "/", timeout=600, limits=limits)
     model = (await openai_sdk.models.list()).data[0].id
     variants = {
-        "library": Library(endpoint, args.tokens),
+        # Only the chat route takes vLLM's ignore_eos; the others' streams may
+        # end early, the same way in every variant.
+        "library": Library(endpoint, args.tokens, ignore_eos=args.api == "chat"),
         "http": Http(http, args.api, model, args.tokens),
         "sdk": Sdk(sdk, args.api, model, args.tokens),
     }

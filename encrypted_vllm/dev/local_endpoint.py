@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import secrets
@@ -558,7 +559,10 @@ class WorkerProcess:
     def stop(self, timeout_s: float = 30.0) -> int:
         """SIGTERM to the worker alone, as `docker stop` signals a
         container's first process; SIGKILL after `timeout_s`. Any process of
-        the group still alive (an engine process) is killed."""
+        the group still alive (an engine process) is killed, and so is any
+        process the worker started that left the group (seen once: an
+        embedding engine's model process, orphaned, spinning)."""
+        descendants = _descendants(self.process.pid)
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -569,7 +573,20 @@ class WorkerProcess:
             os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        for process in descendants:
+            with contextlib.suppress(Exception):  # gone already, or not ours to kill
+                process.kill()
         return self.process.wait()
+
+
+def _descendants(pid: int) -> list:
+    """The processes `pid` started, and theirs (psutil's; none without it)."""
+    try:
+        import psutil
+
+        return psutil.Process(pid).children(recursive=True)
+    except Exception:  # no psutil where only the client side is installed, or pid gone
+        return []
 
 
 def main(argv: list[str] | None = None) -> None:
