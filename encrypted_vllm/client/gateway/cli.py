@@ -30,6 +30,7 @@ DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8080
 # How long a stopping gateway lets open streams and the cancels of their
 # jobs finish.
 SHUTDOWN_GRACE_S = 10
+KEEP_ALIVE_S = 75  # seconds an idle caller connection stays open
 INSTALL_HINT = 'pip install "encrypted-vllm[gateway]"'
 
 
@@ -129,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         log_config=None,  # this process's logging, above
         access_log=False,  # the gateway's own request line says more, and no path
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+        # Longer than the callers' idle connections live (httpx's, the
+        # openai and anthropic SDKs': 5 s, uvicorn's own default too), so that
+        # the caller closes an idle connection first and never sends a
+        # request on one the gateway is closing (seen in bench/gateway.py).
+        timeout_keep_alive=KEEP_ALIVE_S,
     )
     uvicorn.Server(config).run(sockets=[sock])
     return 0
