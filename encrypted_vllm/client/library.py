@@ -369,14 +369,20 @@ class Embeddings:
 
     @classmethod
     def of(cls, completion: Completion, inputs: int) -> Embeddings:
-        indexes = [embedding.index for embedding in completion.embeddings]
-        if indexes != list(range(inputs)) or completion.usage is None:
-            raise ClientError(
-                f"the job {completion.job_id} answered {len(indexes)} vectors "
-                f"for {inputs} inputs, or not one each"
-            )
-        vectors = [embedding.vector for embedding in completion.embeddings]
+        vectors = [embedding.vector for embedding in one_vector_each(completion, inputs)]
         return cls(vectors, completion.usage, completion.job_id)
+
+
+def one_vector_each(completion: Completion, inputs: int) -> list[Embedding]:
+    """An embeddings answer's vectors, checked to be one for each of
+    `inputs` inputs, in order, with the usage; ClientError if not."""
+    indexes = [embedding.index for embedding in completion.embeddings]
+    if indexes != list(range(inputs)) or completion.usage is None:
+        raise ClientError(
+            f"the job {completion.job_id} answered {len(indexes)} vectors "
+            f"for {inputs} inputs, or not one each"
+        )
+    return completion.embeddings
 
 
 def embed_request(

@@ -31,7 +31,12 @@ from encrypted_vllm.client.gateway.api import (
     checked_wire_request,
     openai_error_body,
 )
-from encrypted_vllm.client.library import Completion, embed_request
+from encrypted_vllm.client.library import (
+    ClientError,
+    Completion,
+    embed_request,
+    one_vector_each,
+)
 
 _INT32 = 2**31 - 1
 
@@ -63,14 +68,10 @@ class EmbeddingsRequest(BaseModel):
     def answer(self, completion: Completion, *, response_id: str, created: int, model: str) -> str:
         del response_id, created  # not in OpenAI's embeddings object
         inputs = len(embed_request(self.input, None, None)["input"])
-        indexes = [embedding.index for embedding in completion.embeddings]
-        if indexes != list(range(inputs)) or completion.usage is None:
-            raise ApiError(
-                502,
-                f"the worker answered {len(indexes)} vectors for {inputs} inputs",
-                "server_error",
-                "incomplete_answer",
-            )
+        try:
+            embeddings = one_vector_each(completion, inputs)
+        except ClientError as error:
+            raise ApiError(502, str(error), "server_error", "incomplete_answer") from None
         as_base64 = self.encoding_format == "base64"
         data = [
             OpenAIEmbedding.model_construct(
@@ -79,7 +80,7 @@ class EmbeddingsRequest(BaseModel):
                 # The SDK's type says floats; with base64 OpenAI sends the string.
                 embedding=embedding.base64 if as_base64 else embedding.vector,
             )
-            for embedding in completion.embeddings
+            for embedding in embeddings
         ]
         tokens = completion.usage.prompt_tokens
         answer = CreateEmbeddingResponse.model_construct(
