@@ -44,6 +44,7 @@ if TYPE_CHECKING:
         RateLimited,
         ServerError,
         StreamIntegrityError,
+        image_part,
     )
     from encrypted_vllm.wire.channel import generate_key
 
@@ -64,6 +65,7 @@ _EXPORTS = {
             "RateLimited",
             "ServerError",
             "StreamIntegrityError",
+            "image_part",
         ),
         "encrypted_vllm.client.library",
     ),
@@ -90,6 +92,7 @@ __all__ = [
     "StreamIntegrityError",
     "__version__",
     "generate_key",
+    "image_part",
 ]
 
 

@@ -67,9 +67,11 @@ async def greedy_text(
     *,
     ignore_eos: bool = True,
     json_schema: dict | None = None,
+    lora_request=None,
 ) -> str:
     """The engine's own greedy completion of these tokens, in one piece
-    (held to `json_schema` by the engine's structured-output backend)."""
+    (held to `json_schema` by the engine's structured-output backend; through
+    the LoRA adapter of `lora_request`, vLLM's own, if given)."""
     from vllm import SamplingParams
     from vllm.renderers.inputs.preprocess import parse_model_prompt
     from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
@@ -85,7 +87,10 @@ async def greedy_text(
         else StructuredOutputsParams(json=json_schema),
         output_kind=RequestOutputKind.FINAL_ONLY,
     )
-    async for output in engine.generate(engine_input, params, f"truth-{next(_job_ids)}"):
+    request_id = f"truth-{next(_job_ids)}"
+    async for output in engine.generate(
+        engine_input, params, request_id, lora_request=lora_request
+    ):
         final = output
     return final.outputs[0].text
 

@@ -582,14 +582,14 @@ def variables_table(markdown: str) -> dict[str, str]:
 def image_defaults() -> dict[str, str]:
     """Each worker variable's value when the endpoint leaves it unset, as the
     docs write it: the image's ENV, else the code's default. Variables that
-    are required, or unset by default, have none."""
+    are required, or unset by default (nothing, off, none), have none."""
     defaults = {}
     for model in (WorkerConfig, utils.ModelSources):
         for field in model.model_fields.values():
             if not field.alias or field.is_required():
                 continue
             value = field.get_default(call_default_factory=True)
-            if value is None or value is False:
+            if value is None or value is False or value == ():
                 continue
             if isinstance(value, dict):
                 defaults[field.alias] = json.dumps(value)

@@ -36,6 +36,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import os
 import random
@@ -43,6 +44,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NoReturn
 
 import httpx
@@ -81,6 +83,7 @@ __all__ = [
     "ServerError",
     "StreamIntegrityError",
     "TextStream",
+    "image_part",
 ]
 
 RUNPOD_API = "https://api.runpod.ai/v2"
@@ -385,6 +388,37 @@ def one_vector_each(completion: Completion, inputs: int) -> list[Embedding]:
     return completion.embeddings
 
 
+# Image formats by their first bytes, so that `image_part` can name the media
+# type of bytes it is given (the client side has no imaging library).
+_IMAGE_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+    (b"BM", "image/bmp"),
+)
+
+
+def image_part(image: bytes | str | os.PathLike, media_type: str | None = None) -> dict[str, Any]:
+    """A user message's content part holding an image (its bytes, or the
+    path of its file) as a `data:` URL, which travels inside the encrypted
+    request: `messages=[{"role": "user", "content": [{"type": "text",
+    "text": "What is this?"}, image_part("photo.jpg")]}]`. `media_type` is
+    read from the bytes when not given (PNG, JPEG, GIF, WebP, BMP)."""
+    data = image if isinstance(image, bytes) else Path(image).read_bytes()
+    if media_type is None:
+        if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            media_type = "image/webp"
+        else:
+            media_type = next(
+                (kind for head, kind in _IMAGE_SIGNATURES if data.startswith(head)), None
+            )
+        if media_type is None:
+            raise ValueError("not a PNG, JPEG, GIF, WebP or BMP image: give its media_type")
+    url = f"data:{media_type};base64,{base64.b64encode(data).decode()}"
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
 def embed_request(
     input: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
     truncate_prompt_tokens: int | None,
@@ -491,8 +525,10 @@ class Client:
 
     Every call that submits takes the request's fields as keywords:
     `messages`, `sampling_params`, `tools`, `tool_choice`,
-    `parallel_tool_calls`, `structured_output`, `chat_template_kwargs`
-    (see docs/protocol.md); they are validated here before anything is sent.
+    `parallel_tool_calls`, `structured_output`, `chat_template_kwargs`,
+    `adapter` (a LoRA adapter of the worker's, by name); user messages may
+    hold images (`image_part`). See docs/protocol.md; they are validated here
+    before anything is sent.
     """
 
     def __init__(

@@ -15,6 +15,8 @@ Rules:
   `<think>`, `</think>`, `<tool_call>` and `</tool_call>` markers as single
   tokens, and byte-level pieces of CJK characters and emoji that split them
   across tokens (so streaming must join bytes into whole characters).
+- `build_adapter` makes a random LoRA adapter for it, for the tests of
+  LORA_MODULES.
 """
 
 from __future__ import annotations
@@ -141,6 +143,42 @@ def _write_model(directory: Path, seed: int) -> None:
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(directory)
+
+
+def build_adapter(base: str | os.PathLike, directory: str | os.PathLike, seed: int = 1) -> Path:
+    """A random LoRA adapter of rank 8 for the model in `base`, on every
+    projection of its layers, made and saved with peft (a test dependency),
+    into `directory` unless already there. Its weights are random on both
+    sides (peft's `init_lora_weights=False`): an adapter initialised as for
+    training changes nothing, and the tests need one whose output differs."""
+    target = Path(directory)
+    stamp = target / "tiny_adapter.json"
+    wanted = {"recipe": RECIPE_VERSION, "seed": seed, "base": str(base)}
+    if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
+        return target
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    torch.manual_seed(seed)
+    adapter = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+        init_lora_weights=False,
+    )
+    get_peft_model(model, adapter).save_pretrained(target)
+    stamp.write_text(json.dumps(wanted))
+    return target
 
 
 def _remove_tree(path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Wire protocol v1.3: what a job's plaintext request and each streamed
+"""Wire protocol v1.4: what a job's plaintext request and each streamed
 item's plaintext say. The worker and the client both import it; `channel`
 encrypts them. docs/protocol.md specifies the same in prose, for clients in
 other languages.
@@ -15,8 +15,8 @@ Rules:
 - A refused job is a `ProtocolError`: a stable `ErrorCode` and a reason taken
   from a fixed set of sentences. Reasons may name a limit or a rule, never
   request content, not even a field name the request used.
-- v1 requests are valid v1.3 requests, and v1 to v1.2 clients can read
-  v1.3 items: `text` is always there, every new key is optional to read.
+- v1 requests are valid v1.4 requests, and v1 to v1.3 clients can read
+  v1.4 items: `text` is always there, every new key is optional to read.
   A v1.2 or later client insists on the keys that bind an item to its
   request and place (`request`, `seq`): it cannot trust an older worker's
   answers.
@@ -24,6 +24,10 @@ Rules:
   embeddings (`embed`, v1.3) or the worker's card (`describe`). A worker
   serves completions or embeddings, as its model's task is (the card's
   `task`), and refuses the other with a fixed reason.
+- Since v1.4 a user message may hold images (`image_url` parts, as OpenAI's
+  chat API has them) and a completion may name a LoRA adapter (`adapter`);
+  the card says how many images a prompt may hold and which adapters the
+  asking key may name.
 """
 
 from __future__ import annotations
@@ -39,14 +43,23 @@ from collections.abc import Sequence
 from dataclasses import KW_ONLY, dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
-VERSION = "1.3"
+VERSION = "1.4"
 
 # Limits of the request schema, checked by the client and again by the worker.
 MAX_MESSAGES = 1024
-MAX_CONTENT_PARTS = 256  # text parts of one message
+MAX_CONTENT_PARTS = 256  # text and image parts of one message
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
@@ -69,9 +82,18 @@ MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI's top_logprobs
 MAX_N = 1  # completions per request: one stream, one answer
 MAX_EMBED_INPUTS = 2048  # inputs of one embeddings request, as OpenAI's limit
 MAX_EMBED_INPUT_TOKENS = 65536  # of one token-array input; the model's context is checked too
+# Images (v1.4). The worker's LIMIT_MM_PER_PROMPT may allow fewer a prompt;
+# whole requests are capped by the worker's MAX_REQUEST_BYTES (4 MiB by
+# default) and by RunPod's bodies (/run 10 MB, /runsync 20 MB).
+MAX_IMAGES = 64  # of one request
+MAX_IMAGE_BYTES = 16 * 1024 * 1024  # one image, decoded
+MAX_IMAGE_PIXELS = 7680 * 4320  # one image (8K UHD); checked by the worker as it decodes
+MAX_IMAGE_URL_CHARS = 8192  # an http(s) URL; data: URLs are bounded by MAX_IMAGE_BYTES
 
 # OpenAI's rule for function names.
 TOOL_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+# A LoRA adapter's name, as a model name in an OpenAI request can be.
+ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:@+/-]{0,127}$"
 # Keys the worker sets itself when it renders a chat.
 RESERVED_TEMPLATE_KWARGS = frozenset(
     {"messages", "tools", "add_generation_prompt", "continue_final_message", "chat_template"}
@@ -197,7 +219,7 @@ class SamplingParams(BaseModel):
         return self.model_dump(exclude_none=True, exclude={"n"})
 
 
-# Messages, as OpenAI's chat API has them for text.
+# Messages, as OpenAI's chat API has them.
 
 
 class TextPart(BaseModel):
@@ -207,20 +229,80 @@ class TextPart(BaseModel):
     text: str
 
 
-# OpenAI's non-text content parts: recognised, so that the refusal can say why.
-_MEDIA_PARTS = {"image_url", "input_audio", "file", "image", "audio", "video_url", "input_image"}
+class ImageURL(BaseModel):
+    """An image: `data:image/<type>;base64,<bytes>`, or an http(s) URL that
+    the worker fetches only where its ALLOW_IMAGE_URLS allows. `detail` is
+    OpenAI's; vLLM's processors size images by the model, so it changes
+    nothing."""
+
+    model_config = _STRICT
+
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _data_or_web(cls, url: str) -> str:
+        if url.startswith("data:"):
+            header, comma, data = url.partition(",")
+            if not (comma and header.startswith("data:image/") and header.endswith(";base64")):
+                raise _refuse("an image's data URL is not data:image/<type>;base64,<data>")
+            _limit("MAX_IMAGE_BYTES", len(data) // 4 * 3, MAX_IMAGE_BYTES)
+        elif url.startswith(("https://", "http://")):
+            _limit("MAX_IMAGE_URL_CHARS", len(url), MAX_IMAGE_URL_CHARS)
+        else:
+            raise _refuse("an image's URL is a data: URL or an http(s) URL")
+        return url
+
+    @property
+    def is_data(self) -> bool:
+        return self.url.startswith("data:")
 
 
-def _text_parts_only(value: Any) -> Any:
+class ImagePart(BaseModel):
+    """An image in a user message (v1.4)."""
+
+    model_config = _STRICT
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+# OpenAI's other content parts: recognised, so that the refusal can say why.
+_MEDIA_PARTS = {"input_audio", "file", "image", "audio", "video_url", "input_image"}
+
+
+def _known_parts(value: Any, images: bool) -> Any:
     if isinstance(value, list):
         _limit("MAX_CONTENT_PARTS", len(value), MAX_CONTENT_PARTS)
         for part in value:
-            if isinstance(part, dict) and part.get("type") in _MEDIA_PARTS:
-                raise _refuse("image, audio and file content parts are not supported")
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in _MEDIA_PARTS:
+                raise _refuse("audio, file and video content parts are not supported")
+            if kind == "image_url" and not images:
+                raise _refuse("only user messages hold images")
     return value
 
 
 Content = Annotated[str | list[TextPart], Field(union_mode="left_to_right")]
+
+
+def _part_kind(value: Any) -> str | None:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return {"text": "Text", "image_url": "Image"}.get(kind)
+
+
+# Tagged by capitalized names, which a field's path leaves out (the gateway's
+# `param`s), unlike a `type`'s own values.
+UserPart = Annotated[
+    Annotated[TextPart, Tag("Text")] | Annotated[ImagePart, Tag("Image")],
+    Discriminator(
+        _part_kind,
+        custom_error_type=_REASON,
+        custom_error_message="a user message's content parts are text and image_url",
+    ),
+]
+UserContent = Annotated[str | list[UserPart], Field(union_mode="left_to_right")]
 
 
 class _Message(BaseModel):
@@ -229,7 +311,7 @@ class _Message(BaseModel):
     @field_validator("content", mode="before", check_fields=False)
     @classmethod
     def _content_parts(cls, value: Any) -> Any:
-        return _text_parts_only(value)
+        return _known_parts(value, images=False)
 
     def to_template(self) -> dict[str, Any]:
         """The message as chat templates (through vLLM's renderer) read it."""
@@ -244,8 +326,19 @@ class SystemMessage(_Message):
 
 class UserMessage(_Message):
     role: Literal["user"]
-    content: Content
+    content: UserContent
     name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content_parts(cls, value: Any) -> Any:
+        return _known_parts(value, images=True)
+
+    @property
+    def images(self) -> list[ImageURL]:
+        if isinstance(self.content, str):
+            return []
+        return [part.image_url for part in self.content if isinstance(part, ImagePart)]
 
 
 class FunctionCall(BaseModel):
@@ -438,6 +531,8 @@ class Request(BaseModel):
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None  # omitted: true
     chat_template_kwargs: dict[str, TemplateValue] | None = None
+    # A LoRA adapter of the worker's LORA_MODULES (v1.4); omitted: the base model.
+    adapter: str | None = Field(None, pattern=ADAPTER_NAME)
     embed: Embed | None = None
     describe: Literal[True] | None = None
 
@@ -456,6 +551,7 @@ class Request(BaseModel):
         if self.prompt is not None and not self.prompt:
             raise _refuse("the prompt is empty")
         _limit("MAX_MESSAGES", len(self.messages or ()), MAX_MESSAGES)
+        _limit("MAX_IMAGES", len(self.images), MAX_IMAGES)
         self._check_tools()
         self._check_template_kwargs()
         return self
@@ -485,6 +581,16 @@ class Request(BaseModel):
         _limit("MAX_TEMPLATE_KWARG_CHARS", longest, MAX_TEMPLATE_KWARG_CHARS)
         if kwargs.keys() & RESERVED_TEMPLATE_KWARGS:
             raise _refuse("chat_template_kwargs sets a key the worker sets itself")
+
+    @property
+    def images(self) -> list[ImageURL]:
+        """The images of the request's user messages, in order."""
+        return [
+            image
+            for message in self.messages or ()
+            if isinstance(message, UserMessage)
+            for image in message.images
+        ]
 
     @property
     def effective_tool_choice(self) -> ToolChoice:
@@ -678,15 +784,20 @@ class WorkerCard:
     task: Literal["generate", "embed"] = "generate"  # what the model serves (v1.3)
     dimensions: int | None = None  # an embedding model's vector size
     matryoshka: bool = False  # whether `embed.dimensions` may shorten its vectors
+    images: int = 0  # images a prompt may hold; 0: the model takes none (v1.4)
+    adapters: tuple[str, ...] = ()  # the LoRA adapters the asking key may name (v1.4)
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {**self.__dict__, "adapters": list(self.adapters)}
 
     @classmethod
     def from_dict(cls, body: dict[str, Any]) -> WorkerCard:
         # A later worker's card may say more: what this client knows is read.
         known = {field.name for field in dataclasses.fields(cls)}
-        return cls(**{name: value for name, value in body.items() if name in known})
+        fields = {name: value for name, value in body.items() if name in known}
+        if "adapters" in fields:
+            fields["adapters"] = tuple(fields["adapters"])
+        return cls(**fields)
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 Rules:
 - Everything that can be checked without loading a model is checked first
-  (ENGINE_ARGS, the parser names), so a bad variable stops the worker in
-  seconds, not after a download.
+  (ENGINE_ARGS, the parser names, the LoRA limits), so a bad variable stops
+  the worker in seconds, not after a download; then LORA_MODULES' adapters
+  are found (or downloaded), then the model.
 - Each entry of MODELS is tried in turn; the first whose engine starts is
   served, and if none does the error names every model and its reason.
 - The engine never logs requests; its structured-output backend is chosen
@@ -35,10 +36,11 @@ from typing import Any
 import torch
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 from vllm import AsyncEngineArgs
-from vllm.config import StructuredOutputsConfig
+from vllm.config import LoRAConfig, StructuredOutputsConfig
 from vllm.engine.async_llm_engine import AsyncLLMEngine
 
 from encrypted_vllm.worker import models as utils
+from encrypted_vllm.worker.adapters import Adapters
 from encrypted_vllm.worker.config import ConfigError, WorkerConfig
 from encrypted_vllm.worker.generation import check_parser_names
 
@@ -53,6 +55,10 @@ _RESERVED_ENGINE_ARGS = {
     "tensor_parallel_size",
     "reasoning_parser",
     "enable_log_requests",
+    "enable_lora",
+    "max_lora_rank",
+    "max_loras",
+    "limit_mm_per_prompt",
 }
 # xgrammar with compact JSON: under vLLM's default JSON grammar, which lets
 # whitespace in anywhere, small models (and the tests' random one) loop on
@@ -81,6 +87,12 @@ def engine_arguments(config: WorkerConfig, model_dir: str, model_name: str) -> d
         )
     except (TypeError, ValueError):
         problems.append("ENGINE_ARGS: structured_outputs_config is not a valid vLLM one")
+    limits = {"max_lora_rank": config.max_lora_rank, "max_loras": config.max_loras}
+    lora = {name: value for name, value in limits.items() if value is not None}
+    try:
+        LoRAConfig(**lora)  # vLLM's own checks (a rank it has kernels for), before any download
+    except (TypeError, ValueError):
+        problems.append("MAX_LORA_RANK or MAX_LORAS: not a value vLLM takes (ranks: 8, 16, 32...)")
     problems += check_parser_names(config.tool_call_parser, config.reasoning_parser)
     if problems:
         raise ConfigError("invalid worker configuration:\n  " + "\n  ".join(problems))
@@ -98,11 +110,32 @@ def engine_arguments(config: WorkerConfig, model_dir: str, model_name: str) -> d
     if config.reasoning_parser:
         # The backend then applies a constraint only once the reasoning ends.
         arguments["reasoning_parser"] = config.reasoning_parser
+    if config.lora_modules:
+        arguments.update(enable_lora=True, **lora)
+    if config.limit_mm_per_prompt is not None:
+        arguments["limit_mm_per_prompt"] = config.limit_mm_per_prompt
     return arguments
 
 
 def visible_gpus() -> int:
     return max(torch.cuda.device_count(), 1)
+
+
+def resolve_adapters(config: WorkerConfig, report: BootReport | None = None) -> Adapters:
+    """LORA_MODULES' adapters, found or downloaded; ConfigError if one
+    cannot be (checked before any model is loaded)."""
+    report = report or BootReport(time.monotonic())
+    engine_arguments(config, "", "")  # a bad variable fails before any download
+    started = time.monotonic()
+    try:
+        adapters = Adapters.resolve(
+            config.lora_modules, config.sources, config.max_lora_rank, report.downloaded
+        )
+    except utils.ModelError as error:
+        raise ConfigError(f"LORA_MODULES: {error}") from None
+    if adapters:
+        report.phase("adapters", started)
+    return adapters
 
 
 class NoModelStarted(Exception):

@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from encrypted_vllm.wire import channel
+from encrypted_vllm.worker.adapters import AdapterSpec, parse_lora_modules
 from encrypted_vllm.worker.models import ModelRef, ModelSources, parse_models
 
 # Chosen so that one worker keeps enough sequences in flight for continuous
@@ -91,6 +92,17 @@ class WorkerConfig(BaseModel):
     # vLLM's parser names; checked against vLLM's registries at start.
     tool_call_parser: str | None = Field(None, alias="TOOL_CALL_PARSER")
     reasoning_parser: str | None = Field(None, alias="REASONING_PARSER")
+    # LoRA adapters (see `adapters`), and vLLM's limits of them.
+    lora_modules: tuple[AdapterSpec, ...] = Field((), alias="LORA_MODULES")
+    max_lora_rank: int | None = Field(None, alias="MAX_LORA_RANK", ge=1)
+    max_loras: int | None = Field(None, alias="MAX_LORAS", ge=1)
+    # Images a prompt may hold (vLLM's limit_mm_per_prompt); unset: vLLM's default.
+    limit_mm_per_prompt: dict[Literal["image"], int] | None = Field(
+        None, alias="LIMIT_MM_PER_PROMPT"
+    )
+    # Whether images may be http(s) URLs, which the worker then fetches: a
+    # request to a third party that sees the URL and the worker's address.
+    allow_image_urls: bool = Field(False, alias="ALLOW_IMAGE_URLS")
     # The runpod SDK's own variable: at DEBUG it logs every job's input and
     # output (ciphertexts), so only quieter levels are accepted.
     runpod_log_level: Literal["INFO", "WARN", "ERROR"] = Field("INFO", alias="RUNPOD_LOG_LEVEL")
@@ -108,6 +120,33 @@ class WorkerConfig(BaseModel):
             # MODELS names models, not secrets: the entries are worth showing.
             raise ValueError("; ".join(problems))
         return models
+
+    @field_validator("lora_modules", mode="before")
+    @classmethod
+    def _parse_lora_modules(cls, value: Any) -> Any:
+        return parse_lora_modules(value) if isinstance(value, str) else value
+
+    @field_validator("limit_mm_per_prompt", mode="before")
+    @classmethod
+    def _parse_limits(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.startswith("{"):
+            try:
+                limits = json.loads(text)
+            except json.JSONDecodeError:
+                raise ValueError('must be image=N, or JSON such as {"image": N}') from None
+        else:
+            pairs = [entry.partition("=") for entry in text.split(",") if entry.strip()]
+            if not all(equals and count.strip().isdigit() for _, equals, count in pairs):
+                raise ValueError('must be image=N, or JSON such as {"image": N}')
+            limits = {name.strip(): int(count) for name, _, count in pairs}
+        if not isinstance(limits, dict) or set(limits) - {"image"}:
+            raise ValueError("only image limits are served by this worker (image=N)")
+        if not all(type(count) is int and count >= 0 for count in limits.values()):
+            raise ValueError("image=N takes a count of 0 or more")
+        return limits
 
     @field_validator("encryption_key")
     @classmethod
@@ -143,6 +182,17 @@ class WorkerConfig(BaseModel):
                 "logs every job's input and output"
             )
         return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _adapter_keys_exist(self) -> WorkerConfig:
+        ids = {key.id for key in channel.load_keys(self.encryption_key)}
+        for spec in self.lora_modules:
+            if spec.keys and not spec.keys <= ids:
+                raise ValueError(
+                    f"LORA_MODULES: adapter {spec.name!r} names a key id that is not one of "
+                    "ENCRYPTION_KEY's (encrypted-vllm --key-id prints them)"
+                )
+        return self
 
     @model_validator(mode="after")
     def _shaping_fits(self) -> WorkerConfig:

@@ -1,5 +1,5 @@
 """One request in the engine's terms, and the engine's output in the
-protocol's: the translation between wire protocol v1.1 and vLLM.
+protocol's: the translation between the wire protocol and vLLM.
 
 Rules:
 - vLLM does the work wherever it can: its renderer applies the chat template
@@ -12,6 +12,8 @@ Rules:
   stateless helpers for that schema: they need no tool parser, and their
   arguments always match the tool's parameters. tool_choice "auto" needs the
   model's own format, so TOOL_CALL_PARSER.
+- A request's images reach the renderer decoded and checked (`images`);
+  its adapter, as the `LoRARequest` its key may use (`adapters`).
 - Every failure is a `ProtocolError` with a fixed reason: vLLM's messages
   quote schemas, templates and tool names, so they are never passed on.
 """
@@ -19,6 +21,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +44,7 @@ from vllm.tool_parsers.streaming import (
 from vllm.tool_parsers.utils import get_json_schema_from_tools
 
 from encrypted_vllm.wire.protocol import (
+    MAX_IMAGES,
     Embed,
     ErrorCode,
     NamedToolChoice,
@@ -48,11 +52,14 @@ from encrypted_vllm.wire.protocol import (
     Request,
     StreamItem,
     StructuredOutput,
+    TextPart,
     TokenLogprob,
     ToolCallDelta,
     Usage,
     WorkerCard,
 )
+from encrypted_vllm.worker.adapters import Adapters
+from encrypted_vllm.worker.images import load as load_images
 
 log = logging.getLogger("worker")
 
@@ -97,10 +104,14 @@ class Planner:
         *,
         tool_call_parser: str | None = None,
         reasoning_parser: str | None = None,
+        adapters: Adapters | None = None,
+        allow_image_urls: bool = False,
     ):
         for name in QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.CRITICAL)
         self.engine = engine
+        self.adapters = adapters or Adapters()
+        self.allow_image_urls = allow_image_urls
         model_config = engine.model_config
         self.model_config = model_config
         self.max_model_len: int = model_config.max_model_len
@@ -144,13 +155,23 @@ class Planner:
             task=self.task,
             dimensions=embedding_size,
             matryoshka=self.task == "embed" and model_config.is_matryoshka,
+            # vLLM allows 999 a prompt by default; the protocol, MAX_IMAGES.
+            images=(
+                min(model_config.multimodal_config.get_limit_per_prompt("image"), MAX_IMAGES)
+                if model_config.is_multimodal_model
+                else 0
+            ),
+            adapters=tuple(self.adapters.specs),
         )
 
-    async def plan(self, request: Request, cache_salt: str | None = None) -> JobPlan:
+    async def plan(
+        self, request: Request, cache_salt: str | None = None, key_id: str | None = None
+    ) -> JobPlan:
         """Everything the engine needs for this request; ProtocolError if the
         request cannot be served here. `cache_salt` keeps the engine's cached
         prefixes of this request apart from those of other salts (vLLM's own
-        per-request salt, hashed into the first block's key)."""
+        per-request salt, hashed into the first block's key); `key_id`, the
+        key that opened it, decides which adapters it may name."""
         if self.task != "generate":
             raise ProtocolError(
                 ErrorCode.INVALID_INPUT,
@@ -167,8 +188,9 @@ class Planner:
                 ErrorCode.INVALID_INPUT,
                 f"logprobs exceeds the worker's max_logprobs={self.model_config.max_logprobs}",
             )
+        adapter = self.adapters.for_request(request.adapter, key_id) if request.adapter else None
         chat = ChatRequest.of(request) if request.messages is not None else None
-        engine_input = await self._render(request, chat)
+        engine_input = await self._render(request, chat, cache_salt)
         if cache_salt is not None:
             engine_input["cache_salt"] = cache_salt
         prompt_ids = engine_input["prompt_token_ids"]
@@ -180,7 +202,10 @@ class Planner:
                 ErrorCode.INVALID_INPUT,
                 f"prompt plus max_tokens exceed the model's context of {self.max_model_len} tokens",
             )
-        return JobPlan(engine_input, params, reader, reader.engine_kwargs())
+        engine_kwargs = reader.engine_kwargs()
+        if adapter is not None:
+            engine_kwargs["lora_request"] = adapter
+        return JobPlan(engine_input, params, reader, engine_kwargs)
 
     async def plan_embed(self, embed: Embed, cache_salt: str | None = None) -> EmbedPlan:
         """The engine inputs and pooling parameters of an embeddings
@@ -237,13 +262,29 @@ class Planner:
         params = PoolingParams(task="embed", dimensions=dimensions)
         return EmbedPlan(engine_inputs, params)
 
-    async def _render(self, request: Request, chat: ChatRequest | None) -> dict:
+    async def _render(
+        self, request: Request, chat: ChatRequest | None, cache_salt: str | None
+    ) -> dict:
         renderer = self.engine.renderer
+        images = request.images
         # vLLM tokenizes in a thread so that a long prompt never stalls the
         # other streams; but under load the hop back costs a job a turn of a
         # busy event loop and a GIL switch (about 10 ms at 64 streams on two
         # cores, measured) where tokenizing a short prompt inline costs 0.1 ms.
-        inline = request.tools is None and _prompt_chars(request) <= INLINE_TOKENIZE_CHARS
+        inline = (
+            request.tools is None and not images and _prompt_chars(request) <= INLINE_TOKENIZE_CHARS
+        )
+        chats = None
+        if chat is not None:
+            chats = [[message.to_template() for message in request.messages]]
+            if images:
+                loaded = await load_images(
+                    images,
+                    limit=self.card.images,
+                    allow_urls=self.allow_image_urls,
+                    cache_salt=cache_salt,
+                )
+                _put_images(chats[0], loaded)
         try:
             if chat is None:
                 prompts = [parse_model_prompt(self.model_config, request.prompt)]
@@ -252,7 +293,6 @@ class Planner:
                 else:
                     (engine_input,) = await renderer.render_cmpl_async(prompts)
             else:
-                chats = [[message.to_template() for message in request.messages]]
                 arguments = (chats, self._chat_params(request), self.chat_tokenize)
                 if inline:
                     _, (engine_input,) = renderer.render_chat(*arguments)
@@ -320,13 +360,27 @@ class JobPlan:
     engine_kwargs: dict[str, Any]
 
 
+def _put_images(messages: list[dict[str, Any]], loaded: list[dict[str, Any]]) -> None:
+    """Puts the loaded images in place of the image_url parts, in order."""
+    parts = iter(loaded)
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            message["content"] = [
+                next(parts) if part["type"] == "image_url" else part for part in content
+            ]
+
+
 def _prompt_chars(request: Request) -> int:
     if request.prompt is not None:
         return len(request.prompt)
     total = 0
     for message in request.messages:
         content = message.content or ""
-        total += len(content) if isinstance(content, str) else sum(len(p.text) for p in content)
+        if isinstance(content, str):
+            total += len(content)
+        else:
+            total += sum(len(part.text) for part in content if isinstance(part, TextPart))
         total += sum(
             len(call.function.arguments) for call in getattr(message, "tool_calls", None) or ()
         )
@@ -591,6 +645,8 @@ class Delta:
         return item
 
 
-def describe(planner: Planner) -> StreamItem:
-    """The answer to `{"describe": true}`: the worker's card, in one item."""
-    return StreamItem(card=planner.card, finish_reason="stop", usage=Usage(0, 0))
+def describe(planner: Planner, key_id: str | None = None) -> StreamItem:
+    """The answer to `{"describe": true}`: the worker's card, in one item,
+    naming the adapters that the asking key may use."""
+    card = dataclasses.replace(planner.card, adapters=planner.adapters.names_for(key_id))
+    return StreamItem(card=card, finish_reason="stop", usage=Usage(0, 0))

@@ -21,12 +21,13 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing
 
 from vllm.engine.async_llm_engine import AsyncLLMEngine
@@ -159,7 +160,7 @@ class Worker:
             if self.shaper is not None and request.sampling_params.logprobs is not None:
                 raise ProtocolError(ErrorCode.INVALID_INPUT, shaping.NO_LOGPROBS)
             if request.describe:
-                items = self._card(record)
+                items = self._card(record, channel.key_id)
             elif request.embed is not None:
                 if self.shaper is not None:
                     raise ProtocolError(ErrorCode.INVALID_INPUT, shaping.NO_EMBEDDINGS)
@@ -197,10 +198,10 @@ class Worker:
         if failure:
             yield {"error": str(failure)}
 
-    async def _card(self, record: JobRecord) -> AsyncIterator[StreamItem]:
+    async def _card(self, record: JobRecord, key_id: str) -> AsyncIterator[StreamItem]:
         """The answer to `{"describe": true}`."""
         record.finish_reason = "stop"
-        yield describe(self.planner)
+        yield describe(self.planner, key_id)
 
     def _item_interval(self) -> float:
         """Each stream's share of max_items_per_s, in seconds. An item costs
@@ -220,7 +221,7 @@ class Worker:
         that skips some loses nothing); the last carries finish_reason and
         usage. Keeps `record` up to date."""
         request_id = record.job
-        plan = await self.planner.plan(request, cache_salt)
+        plan = await self.planner.plan(request, cache_salt, record.key)
         record.prompt_tokens = len(plan.engine_input["prompt_token_ids"])
         finished = stopped = False
         pending = Delta()
@@ -241,59 +242,44 @@ class Worker:
         outputs = self.engine.generate(
             plan.engine_input, plan.params, request_id, **plan.engine_kwargs
         )
+        if plan.reader.constraint_given:
+            refused = "the structured output or tools could not be compiled into a grammar"
+        else:
+            refused = "the engine refused the request"
         try:
-            # aclosing: leaving this loop early closes the engine's stream too.
-            async with aclosing(outputs):
-                while True:
-                    self._in_engine.add(job)
-                    try:
-                        output = await anext(outputs)
-                    except StopAsyncIteration:
-                        break
-                    finally:
-                        self._in_engine.discard(job)
-                    if record.stopped_by_worker:
-                        raise ProtocolError(ErrorCode.WORKER_STOPPED, STOPPED_REASON)
-                    completion = output.outputs[0]
-                    record.completion_tokens += len(completion.token_ids)
-                    pending.add(plan.reader.read(completion, finished=output.finished))
-                    if output.finished:
-                        finished = True
-                        record.finish_reason = plan.reader.finish_reason(completion)
-                        usage = Usage(record.prompt_tokens, record.completion_tokens)
-                        item = pending.take(record.finish_reason, usage)
-                        if record.finish_reason == "stop" and isinstance(
-                            completion.stop_reason, str
-                        ):
-                            item = dataclasses.replace(item, stop_sequence=completion.stop_reason)
-                        yield item
-                    elif pending and time.monotonic() >= next_item_due:
-                        yield pending.take()
-                        next_item_due = time.monotonic() + self._item_interval()
-                    # Else held back: pacing, a character not yet complete, or
-                    # text a parser keeps until it knows what it is.
-        except asyncio.CancelledError:
-            if job not in self._failing:
-                raise  # RunPod's stop signal, or the worker's own stop
-            self._failing.discard(job)
-            job.uncancel()
-            raise self._engine_died(request_id, "stuck on the dead engine") from None
-        except ProtocolError:
-            raise
-        except (VLLMClientError, ValueError) as error:
-            # VLLMValidationError (a schema or grammar the backend cannot
-            # compile, a logprobs count...): its message may quote the request.
-            log.info("engine refused request %s: %s", request_id, type(error).__name__)
-            if plan.reader.constraint_given:
-                reason = "the structured output or tools could not be compiled into a grammar"
-            else:
-                reason = "the engine refused the request"
-            raise ProtocolError(ErrorCode.INVALID_INPUT, reason) from None
-        except Exception as error:
-            if self.engine.errored:
-                raise self._engine_died(request_id, type(error).__name__) from None
-            log.error("generation failed for %s: %s", request_id, type(error).__name__)
-            raise ProtocolError(ErrorCode.ENGINE_ERROR, "generation failed") from None
+            with self._engine_failures(job, request_id, refused, "generation failed"):
+                # aclosing: leaving this loop early closes the engine's stream too.
+                async with aclosing(outputs):
+                    while True:
+                        self._in_engine.add(job)
+                        try:
+                            output = await anext(outputs)
+                        except StopAsyncIteration:
+                            break
+                        finally:
+                            self._in_engine.discard(job)
+                        if record.stopped_by_worker:
+                            raise ProtocolError(ErrorCode.WORKER_STOPPED, STOPPED_REASON)
+                        completion = output.outputs[0]
+                        record.completion_tokens += len(completion.token_ids)
+                        pending.add(plan.reader.read(completion, finished=output.finished))
+                        if output.finished:
+                            finished = True
+                            record.finish_reason = plan.reader.finish_reason(completion)
+                            usage = Usage(record.prompt_tokens, record.completion_tokens)
+                            item = pending.take(record.finish_reason, usage)
+                            if record.finish_reason == "stop" and isinstance(
+                                completion.stop_reason, str
+                            ):
+                                item = dataclasses.replace(
+                                    item, stop_sequence=completion.stop_reason
+                                )
+                            yield item
+                        elif pending and time.monotonic() >= next_item_due:
+                            yield pending.take()
+                            next_item_due = time.monotonic() + self._item_interval()
+                        # Else held back: pacing, a character not yet complete, or
+                        # text a parser keeps until it knows what it is.
         finally:
             job.remove_done_callback(stop_early)
             stop_early()
@@ -333,47 +319,64 @@ class Worker:
         pending: list[Embedding] = []
         next_item_due = 0.0
         try:
-            # `left`: how many vectors are still to come after this one.
-            for left, done in zip(
-                range(len(tasks) - 1, -1, -1), asyncio.as_completed(tasks), strict=True
+            with self._engine_failures(
+                job, record.job, "the engine refused the request", "embedding failed"
             ):
-                self._in_engine.add(job)
-                try:
-                    pending.append(await done)
-                finally:
-                    self._in_engine.discard(job)
-                if record.stopped_by_worker:
-                    raise ProtocolError(ErrorCode.WORKER_STOPPED, STOPPED_REASON)
-                if left and time.monotonic() >= next_item_due:
-                    for batch in _embedding_batches(pending):
-                        yield StreamItem(embeddings=batch)
-                    pending = []
-                    next_item_due = time.monotonic() + self._item_interval()
-            record.finish_reason = "stop"
-            *batches, last = _embedding_batches(pending)
-            for batch in batches:
-                yield StreamItem(embeddings=batch)
-            usage = Usage(record.prompt_tokens, 0)
-            yield StreamItem(embeddings=last, finish_reason="stop", usage=usage)
-        except asyncio.CancelledError:
-            if job not in self._failing:
-                raise  # RunPod's stop signal, or the worker's own stop
-            self._failing.discard(job)
-            job.uncancel()
-            raise self._engine_died(record.job, "stuck on the dead engine") from None
-        except ProtocolError:
-            raise
-        except (VLLMClientError, ValueError) as error:
-            log.info("engine refused request %s: %s", record.job, type(error).__name__)
-            raise ProtocolError(ErrorCode.INVALID_INPUT, "the engine refused the request") from None
-        except Exception as error:
-            if self.engine.errored:
-                raise self._engine_died(record.job, type(error).__name__) from None
-            log.error("embedding failed for %s: %s", record.job, type(error).__name__)
-            raise ProtocolError(ErrorCode.ENGINE_ERROR, "embedding failed") from None
+                # `left`: how many vectors are still to come after this one.
+                for left, done in zip(
+                    range(len(tasks) - 1, -1, -1), asyncio.as_completed(tasks), strict=True
+                ):
+                    self._in_engine.add(job)
+                    try:
+                        pending.append(await done)
+                    finally:
+                        self._in_engine.discard(job)
+                    if record.stopped_by_worker:
+                        raise ProtocolError(ErrorCode.WORKER_STOPPED, STOPPED_REASON)
+                    if left and time.monotonic() >= next_item_due:
+                        for batch in _embedding_batches(pending):
+                            yield StreamItem(embeddings=batch)
+                        pending = []
+                        next_item_due = time.monotonic() + self._item_interval()
+                record.finish_reason = "stop"
+                *batches, last = _embedding_batches(pending)
+                for batch in batches:
+                    yield StreamItem(embeddings=batch)
+                usage = Usage(record.prompt_tokens, 0)
+                yield StreamItem(embeddings=last, finish_reason="stop", usage=usage)
         finally:
             job.remove_done_callback(stop_early)
             stop_early()
+
+    @contextlib.contextmanager
+    def _engine_failures(
+        self, job: asyncio.Task, request_id: str, refused: str, failed: str
+    ) -> Iterator[None]:
+        """What the engine raises while it serves a job, as the job's error:
+        a cancel that the engine's death watch made, or any failure of a dead
+        engine, is ENGINE_ERROR and the worker's replacement; a request the
+        engine refused (VLLMValidationError: a schema or grammar the backend
+        cannot compile...) is INVALID_INPUT `refused`, since vLLM's message
+        may quote the request; anything else ENGINE_ERROR `failed`. Other
+        cancels (RunPod's stop signal, the worker's stop) pass through."""
+        try:
+            yield
+        except asyncio.CancelledError:
+            if job not in self._failing:
+                raise
+            self._failing.discard(job)
+            job.uncancel()
+            raise self._engine_died(request_id, "stuck on the dead engine") from None
+        except ProtocolError:
+            raise
+        except (VLLMClientError, ValueError) as error:
+            log.info("engine refused request %s: %s", request_id, type(error).__name__)
+            raise ProtocolError(ErrorCode.INVALID_INPUT, refused) from None
+        except Exception as error:
+            if self.engine.errored:
+                raise self._engine_died(request_id, type(error).__name__) from None
+            log.error("%s for %s: %s", failed, request_id, type(error).__name__)
+            raise ProtocolError(ErrorCode.ENGINE_ERROR, failed) from None
 
     def stop_jobs(self) -> None:
         """Ends every job still running with WORKER_STOPPED at its next step

@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     booting.release_console = report.release_console
     report.fields["compile_cache_dir"] = boot.place_compile_cache()
     try:
+        adapters = boot.resolve_adapters(config, report)
         engine = boot.start_engine(config, report)
     except ConfigError as error:
         log.error("%s", error)
@@ -149,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             engine,
             tool_call_parser=config.tool_call_parser,
             reasoning_parser=config.reasoning_parser,
+            adapters=adapters,
+            allow_image_urls=config.allow_image_urls,
         )
     except TypeError as error:  # vLLM's: a parser this model's tokenizer cannot serve
         log.error("invalid worker configuration:\n  %s", error)

@@ -1,5 +1,6 @@
-"""Model locator and downloader: turns an entry of MODELS into a local
-directory the engine can load, and fetches it only when nothing local has it.
+"""Model locator and downloader: turns an entry of MODELS (or an adapter of
+LORA_MODULES) into a local directory the engine can load, and fetches it only
+when nothing local has it.
 
     python3 utils.py download ORG/NAME[@REVISION] [--into DIR]   # e.g. to bake an image
 
@@ -18,8 +19,9 @@ For `org/name[@revision]` it looks, in order:
    huggingface_hub's own downloader.
 
 Rules:
-- A snapshot without config.json, or without every weight file it names, is
-  incomplete and never handed to the engine.
+- A snapshot without config.json (a LoRA adapter's: adapter_config.json),
+  or without every weight file it names, is incomplete and never handed to
+  the engine.
 - Only what vLLM reads is fetched: config, tokenizer and generation files,
   and safetensors weights with their index (.bin weights only where a repo
   has no safetensors); never .pth, ONNX, GGUF, images or subfolders.
@@ -60,7 +62,7 @@ HUB = "https://huggingface.co"
 
 # Files vLLM reads, at the root of a repo.
 _WANTED = re.compile(r"[^/]+\.(json|safetensors|model|tiktoken|txt|jinja|py)")
-_BIN_WEIGHTS = re.compile(r"pytorch_model[^/]*\.bin")
+_BIN_WEIGHTS = re.compile(r"(pytorch_model[^/]*|adapter_model)\.bin")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _PROGRESS_EVERY_S = 10.0
 
@@ -157,8 +159,13 @@ class ModelSources(BaseModel):
 # --- Finding a complete snapshot --------------------------------------------
 
 
-def is_complete(directory: Path) -> bool:
-    """config.json and weights, and every shard a weight index names."""
+def is_complete(directory: Path, adapter: bool = False) -> bool:
+    """config.json and weights, and every shard a weight index names; for a
+    LoRA adapter, adapter_config.json and its weights."""
+    if adapter:
+        weights = ("adapter_model.safetensors", "adapter_model.bin")
+        has_weights = any((directory / name).is_file() for name in weights)
+        return (directory / "adapter_config.json").is_file() and has_weights
     if not (directory / "config.json").is_file():
         return False
     for index in directory.glob("*.index.json"):
@@ -185,20 +192,20 @@ def repo_folder(cache: Path, repo_id: str) -> Path | None:
     return (exact or folded or [None])[0]
 
 
-def find_snapshot(cache: Path, ref: ModelRef) -> Path | None:
-    """A complete snapshot of `ref` in a hub cache, or None."""
+def find_snapshot(cache: Path, ref: ModelRef, adapter: bool = False) -> Path | None:
+    """A complete snapshot of `ref` (a model, or a LoRA adapter) in a hub cache, or None."""
     folder = repo_folder(cache, ref.name)
     if folder is None:
         return None
     revision = ref.revision or "main"
     commit = revision if _COMMIT.fullmatch(revision) else _read_ref(folder, revision)
-    if commit and is_complete(folder / "snapshots" / commit):
+    if commit and is_complete(folder / "snapshots" / commit, adapter):
         return folder / "snapshots" / commit
     if ref.revision is not None:
         return None  # never another revision than the one asked for
     # refs/main missing, or naming an absent or incomplete snapshot.
     snapshots = sorted(
-        (s for s in (folder / "snapshots").glob("*") if s.is_dir() and is_complete(s)),
+        (s for s in (folder / "snapshots").glob("*") if s.is_dir() and is_complete(s, adapter)),
         key=lambda snapshot: snapshot.stat().st_mtime,
         reverse=True,
     )
@@ -213,18 +220,22 @@ def _read_ref(folder: Path, revision: str) -> str | None:
 
 
 def resolve(
-    ref: ModelRef, sources: ModelSources, on_download: Callable[[int], None] = lambda _size: None
+    ref: ModelRef,
+    sources: ModelSources,
+    on_download: Callable[[int], None] = lambda _size: None,
+    adapter: bool = False,
 ) -> Path:
-    """The directory of a complete copy of `ref`, downloading it if needed;
-    `on_download` is told how many bytes a download fetched."""
+    """The directory of a complete copy of `ref` (a LoRA adapter's, if
+    `adapter`), downloading it if needed; `on_download` is told how many
+    bytes a download fetched."""
     local = Path(ref.name)
     if local.is_dir():
-        if not is_complete(local):
-            raise ModelError(f"{ref}: the directory has no config.json or no complete weights")
+        if not is_complete(local, adapter):
+            raise ModelError(f"{ref}: the directory has no {_config_file(adapter)} or no weights")
         return local
     for where, cache in sources.caches:
         started = time.perf_counter()
-        snapshot = find_snapshot(cache, ref)
+        snapshot = find_snapshot(cache, ref, adapter)
         if snapshot is not None:
             elapsed_ms = (time.perf_counter() - started) * 1000
             log.info("%s: found in %s (%s), %.1f ms", ref, where, snapshot, elapsed_ms)
@@ -234,9 +245,13 @@ def resolve(
             f"{ref}: HF_HUB_OFFLINE=1 and no cache holds a complete copy: "
             "unset HF_HUB_OFFLINE, or add the model to the endpoint's cached models"
         )
-    snapshot, size = download(ref, sources)
+    snapshot, size = download(ref, sources, adapter)
     on_download(size)
     return snapshot
+
+
+def _config_file(adapter: bool) -> str:
+    return "adapter_config.json" if adapter else "config.json"
 
 
 # --- Downloading ---------------------------------------------------------------
@@ -257,7 +272,7 @@ def select_files(files: list[RemoteFile]) -> list[RemoteFile]:
     return wanted
 
 
-def download(ref: ModelRef, sources: ModelSources) -> tuple[Path, int]:
+def download(ref: ModelRef, sources: ModelSources, adapter: bool = False) -> tuple[Path, int]:
     """Download `ref` into the hub cache: its snapshot, and the bytes fetched."""
     from huggingface_hub import HfApi
 
@@ -297,9 +312,11 @@ def download(ref: ModelRef, sources: ModelSources) -> tuple[Path, int]:
             _write_atomically(
                 sources.hub_cache / _folder_name(ref) / "refs" / (ref.revision or "main"), info.sha
             )
-    snapshot = find_snapshot(sources.hub_cache, ref)
+    snapshot = find_snapshot(sources.hub_cache, ref, adapter)
     if snapshot is None:
-        raise ModelError(f"{ref}: downloaded, but the repo has no config.json or no weights")
+        raise ModelError(
+            f"{ref}: downloaded, but the repo has no {_config_file(adapter)} or no weights"
+        )
     return snapshot, sum(f.size for f in files)
 
 

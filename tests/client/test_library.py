@@ -33,6 +33,33 @@ def test_generate_key_prints_a_fernet_key():
     Fernet(key.encode())  # raises if it is not a key
 
 
+def test_an_image_part_carries_the_images_bytes_and_type(tmp_path):
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (3, 2), (200, 10, 10)).save(buffer, format="PNG")
+    png = buffer.getvalue()
+    (tmp_path / "red.png").write_bytes(png)
+    part = client.image_part(tmp_path / "red.png")
+    header, _, data = part["image_url"]["url"].partition(",")
+    assert (part["type"], header, base64.b64decode(data)) == (
+        "image_url",
+        "data:image/png;base64",
+        png,
+    )
+    assert client.image_part(png) == part
+    assert client.image_part(b"\xff\xd8\xff\xe0rest")["image_url"]["url"].startswith(
+        "data:image/jpeg;base64,"
+    )
+    with pytest.raises(ValueError, match="give its media_type"):
+        client.image_part(b"not an image")
+    webp = client.image_part(b"anything", media_type="image/webp")
+    protocol.validate_request(messages=[{"role": "user", "content": [webp]}])
+
+
 def test_an_invalid_request_is_refused_before_anything_is_sent(live):
     jobs_before = set(live.endpoint.jobs)
     with live.client() as endpoint:
@@ -333,9 +360,10 @@ def test_a_json_schema_job_runs_encrypted_through_the_worker(live):
 def test_describe_tells_what_the_endpoint_serves(live):
     with live.client() as endpoint:
         card = endpoint.describe()
-    assert card.protocol == "1.3" and card.model == "Org/Tiny-Model"
+    assert card.protocol == "1.4" and card.model == "Org/Tiny-Model"
     assert (card.max_model_len, card.tool_call_parser, card.chat_template) == (2048, "hermes", True)
     assert (card.task, card.dimensions, card.matryoshka) == ("generate", None, False)
+    assert (card.images, card.adapters) == (0, ())  # a text model, no LORA_MODULES
 
 
 async def test_an_answer_names_the_stop_string_that_ended_it(live, engine, hf_tokenizer):

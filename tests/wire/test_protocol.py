@@ -1,4 +1,4 @@
-"""Wire protocol v1.3 without an engine: every field's rules and limits,
+"""Wire protocol v1.4 without an engine: every field's rules and limits,
 the worker's terse refusals and the client's detailed ones, and the stream
 items' JSON."""
 
@@ -110,6 +110,94 @@ def test_schema_limits_are_refused_naming_the_limit(plaintext, limit):
 )
 def test_invalid_plaintext_is_refused_with_a_fixed_reason(plaintext, reason):
     assert refusal(plaintext).reason == reason
+
+
+PNG_URL = "data:image/png;base64,iVBORw0KGgo="
+
+
+def user_parts(*parts) -> dict:
+    return {"messages": [{"role": "user", "content": list(parts)}]}
+
+
+def image(url: str = PNG_URL, **fields) -> dict:
+    return {"type": "image_url", "image_url": {"url": url, **fields}}
+
+
+def test_user_messages_hold_images_and_requests_name_adapters():
+    request = protocol.parse_request(
+        json.dumps(
+            {
+                **user_parts({"type": "text", "text": "What is it?"}, image(detail="low")),
+                "adapter": "ft:org/support-v2",
+            }
+        ).encode()
+    )
+    (only,) = request.images
+    assert (only.url, only.detail, only.is_data) == (PNG_URL, "low", True)
+    assert request.adapter == "ft:org/support-v2"
+    assert protocol.parse_request(json.dumps(user_parts(image("https://x.test/a.png"))).encode())
+
+
+@pytest.mark.parametrize(
+    "plaintext, reason",
+    [
+        (
+            user_parts(image("ftp://x.test/a.png")),
+            "an image's URL is a data: URL or an http(s) URL",
+        ),
+        (
+            user_parts(image("data:text/plain;base64,AAAA")),
+            "an image's data URL is not data:image/<type>;base64,<data>",
+        ),
+        (
+            user_parts(image("data:image/png,raw")),
+            "an image's data URL is not data:image/<type>;base64,<data>",
+        ),
+        (
+            user_parts(
+                image("data:image/png;base64," + "A" * (protocol.MAX_IMAGE_BYTES // 3 * 4 + 8))
+            ),
+            f"request exceeds MAX_IMAGE_BYTES={protocol.MAX_IMAGE_BYTES}",
+        ),
+        (
+            user_parts(image("https://x.test/" + "a" * protocol.MAX_IMAGE_URL_CHARS)),
+            f"request exceeds MAX_IMAGE_URL_CHARS={protocol.MAX_IMAGE_URL_CHARS}",
+        ),
+        (user_parts(*[image()] * (protocol.MAX_IMAGES + 1)), "request exceeds MAX_IMAGES=64"),
+        (
+            {"messages": [{"role": "system", "content": [image()]}]},
+            "only user messages hold images",
+        ),
+        (
+            {"messages": [{"role": "tool", "tool_call_id": "c", "content": [image()]}]},
+            "only user messages hold images",
+        ),
+        (
+            user_parts({"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}),
+            "audio, file and video content parts are not supported",
+        ),
+        (user_parts({"type": "video"}), "a user message's content parts are text and image_url"),
+        ({"prompt": "a", "adapter": "two words"}, "a request field has a value it does not allow"),
+        ({"embed": {"input": ["a"]}, "adapter": "x"}, "embed takes no other field"),
+    ],
+)
+def test_images_and_adapters_are_refused_with_a_fixed_reason(plaintext, reason):
+    assert refusal(plaintext).reason == reason
+
+
+def test_a_card_says_which_images_and_adapters_a_worker_takes():
+    card = protocol.WorkerCard(
+        "m", 2048, True, None, None, "xgrammar", 20, images=4, adapters=("a", "b")
+    )
+    body = json.loads(json.dumps(card.to_dict()))
+    assert (body["images"], body["adapters"]) == (4, ["a", "b"])
+    assert protocol.WorkerCard.from_dict(body) == card
+    # An older worker's card says neither: no images, no adapters.
+    del body["images"], body["adapters"]
+    assert (
+        protocol.WorkerCard.from_dict(body).images,
+        protocol.WorkerCard.from_dict(body).adapters,
+    ) == (0, ())
 
 
 def test_json_documents_may_hold_any_64_bit_integer():

@@ -13,6 +13,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from encrypted_vllm.client.library import JobFailed
+from encrypted_vllm.wire import protocol
 from encrypted_vllm.wire.protocol import ErrorCode
 
 TEXTS = [
@@ -41,7 +42,7 @@ def test_the_card_says_embed_and_the_vectors_size(embedding_live):
         "embed",
         384,
         False,
-        "1.3",
+        protocol.VERSION,
     )
 
 

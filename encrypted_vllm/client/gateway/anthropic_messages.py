@@ -32,7 +32,7 @@ Rules:
   assistant turn (Anthropic's prefill: the worker always starts a new
   turn); `thinking` `enabled` or `adaptive` (the worker has no thinking
   budget); server tools (web search, code execution, bash, the text
-  editor...); image, document and other non-text blocks;
+  editor...); document blocks, and images in tool results;
   `output_config.effort`, `speed: "fast"`; every field not named here.
 - A tool_result's `is_error` has no wire field: the tool message carries its
   content alone (as vLLM's own Anthropic route sends it): say the error in
@@ -96,6 +96,7 @@ from encrypted_vllm.client.gateway.api import (
     Event,
     InvalidRequest,
     checked_wire_request,
+    param_path,
 )
 from encrypted_vllm.client.gateway.openai_chat import joined
 from encrypted_vllm.client.library import Completion
@@ -116,6 +117,17 @@ class CacheControl(BaseModel):
     ttl: Literal["5m", "1h"] | None = None
 
 
+def _tag(key: str, tags: dict[str, str]):
+    """A union's discriminator: its member's tag by the value's `key` (its
+    `type` or `role`); None, for the union's own error, when unknown."""
+
+    def tag(value: Any) -> str | None:
+        given = value.get(key) if isinstance(value, dict) else getattr(value, key, None)
+        return tags.get(given) if isinstance(given, str) else None
+
+    return tag
+
+
 class TextIn(BaseModel):
     model_config = _ANTHROPIC
 
@@ -126,6 +138,49 @@ class TextIn(BaseModel):
 
     def to_wire(self) -> dict[str, Any]:
         return {"type": "text", "text": self.text}
+
+
+class Base64Source(BaseModel):
+    model_config = _ANTHROPIC
+
+    type: Literal["base64"]
+    media_type: Literal["image/jpeg", "image/png", "image/gif", "image/webp"]
+    data: str
+
+
+class URLSource(BaseModel):
+    model_config = _ANTHROPIC
+
+    type: Literal["url"]
+    url: str
+
+
+class ImageIn(BaseModel):
+    """An image of a user turn: its bytes in base64, or a URL (which the
+    worker fetches only where its ALLOW_IMAGE_URLS allows); both become
+    the wire's `image_url` part."""
+
+    model_config = _ANTHROPIC
+
+    type: Literal["image"]
+    source: Annotated[
+        Annotated[Base64Source, Tag("Base64")] | Annotated[URLSource, Tag("Url")],
+        Discriminator(
+            _tag("type", {"base64": "Base64", "url": "Url"}),
+            custom_error_type="source_type",
+            custom_error_message="an image's source is base64 or url (files need Anthropic's "
+            "storage)",
+        ),
+    ]
+    cache_control: CacheControl | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        source = self.source
+        if isinstance(source, Base64Source):
+            url = f"data:{source.media_type};base64,{source.data}"
+        else:
+            url = source.url
+        return {"type": "image_url", "image_url": {"url": url}}
 
 
 class ToolUseIn(BaseModel):
@@ -146,17 +201,6 @@ class ToolUseIn(BaseModel):
             "type": "function",
             "function": {"name": self.name, "arguments": arguments},
         }
-
-
-def _tag(key: str, tags: dict[str, str]):
-    """A union's discriminator: its member's tag by the value's `key` (its
-    `type` or `role`); None, for the union's own error, when unknown."""
-
-    def tag(value: Any) -> str | None:
-        given = value.get(key) if isinstance(value, dict) else getattr(value, key, None)
-        return tags.get(given) if isinstance(given, str) else None
-
-    return tag
 
 
 # Tags are capitalized, so that a field's path leaves them out (api.param_path).
@@ -212,12 +256,14 @@ class RedactedThinkingIn(BaseModel):
 
 
 UserBlock = Annotated[
-    Annotated[TextIn, Tag("Text")] | Annotated[ToolResultIn, Tag("ToolResult")],
+    Annotated[TextIn, Tag("Text")]
+    | Annotated[ImageIn, Tag("Image")]
+    | Annotated[ToolResultIn, Tag("ToolResult")],
     Discriminator(
-        _tag("type", {"text": "Text", "tool_result": "ToolResult"}),
+        _tag("type", {"text": "Text", "image": "Image", "tool_result": "ToolResult"}),
         custom_error_type="block_type",
-        custom_error_message="a user turn's blocks are text and tool_result (images and "
-        "documents are not supported yet)",
+        custom_error_message="a user turn's blocks are text, image and tool_result (documents "
+        "are not supported)",
     ),
 ]
 AssistantBlock = Annotated[
@@ -477,6 +523,8 @@ class MessagesRequest(BaseModel):
         """A wire error's location, as a location in this request."""
         if loc[:1] == ("messages",) and len(loc) >= 3:
             loc = (*loc[:2], *loc[3:])  # without the role's union tag
+            # and without those of a content part's type (api.param_path's rule)
+            loc = tuple(part for part in loc if isinstance(part, int) or param_path((part,)))
         for cut in range(len(loc), 0, -1):
             origin = self._origins.get(loc[:cut])
             if origin is not None:
@@ -531,8 +579,12 @@ def _wire_messages(
             results.append(
                 {"role": "tool", "tool_call_id": block.tool_use_id, "content": block.to_wire()}
             )
-        elif isinstance(block, TextIn):
-            origins[("messages", own, "content", len(parts))] = block_at
+        elif isinstance(block, TextIn | ImageIn):
+            part = ("messages", own, "content", len(parts))
+            origins[part] = block_at
+            if isinstance(block, ImageIn):
+                source = "data" if isinstance(block.source, Base64Source) else "url"
+                origins[(*part, "image_url", "url")] = (*block_at, "source", source)
             parts.append(block.to_wire())
         elif isinstance(block, ToolUseIn):
             call = ("messages", own, "tool_calls", len(calls))

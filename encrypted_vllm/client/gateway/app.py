@@ -70,9 +70,10 @@ from encrypted_vllm.client.gateway.api import (
     RouteRequest,
     openai_error_body,
     parse_request,
+    unsupported,
 )
 from encrypted_vllm.client.library import AsyncClient, AsyncItemStream, ClientError
-from encrypted_vllm.wire.protocol import ErrorCode, StreamItem
+from encrypted_vllm.wire.protocol import ADAPTER_NAME, ErrorCode, StreamItem, WorkerCard
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -165,7 +166,8 @@ def _where(error: BaseException) -> str:
 
 class Provider:
     """One model this gateway serves: the endpoint behind it, called through
-    its own AsyncClient, and the models that stand in for it."""
+    its own AsyncClient, the LoRA adapter of that endpoint's worker its
+    requests name (if any), and the models that stand in for it."""
 
     def __init__(
         self,
@@ -173,21 +175,49 @@ class Provider:
         where: str,
         name: str | None = None,
         fallbacks: tuple[str, ...] = (),
+        adapter: str | None = None,
     ):
         self.client, self.where, self.fallbacks = endpoint, where, fallbacks
+        self.adapter = adapter
         self._name = name
-        self._naming = asyncio.Lock()
+        self._card: WorkerCard | None = None
+        self._describing = asyncio.Lock()
+
+    async def card(self) -> WorkerCard:
+        """The worker's card, asked for once."""
+        if self._card is None:
+            async with self._describing:
+                if self._card is None:
+                    card = await self.client.describe()
+                    if card is None:
+                        raise ClientError(f"the worker at {self.where} did not describe itself")
+                    self._card = card
+        return self._card
 
     async def name(self) -> str:
         """The model's name: the configured one, else the worker's card's."""
         if self._name is None:
-            async with self._naming:
-                if self._name is None:
-                    card = await self.client.describe()
-                    if card is None:
-                        raise ClientError(f"the worker at {self.where} did not describe itself")
-                    self._name = card.model
+            self._name = (await self.card()).model
         return self._name
+
+    def known_adapters(self) -> tuple[str, ...]:
+        """The LoRA adapters its worker lets this gateway's key name, as the
+        card the gateway asked for says (an endpoint named by its card; one
+        named in --config is not asked, and names its adapter itself). Read
+        once: restart the gateway when the worker's LORA_MODULES change."""
+        return self._card.adapters if self._card is not None and self.adapter is None else ()
+
+    def through(self, adapter: str) -> Provider:
+        """This endpoint, serving requests through one of its adapters."""
+        return Provider(self.client, self.where, adapter, adapter=adapter)
+
+    def wire_request(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """A wire request as this model sends it: naming its adapter, if any."""
+        if self.adapter is None:
+            return fields
+        if "embed" in fields:
+            raise unsupported("model", "a LoRA adapter serves completions, not embeddings")
+        return {**fields, "adapter": self.adapter}
 
 
 class Models:
@@ -197,24 +227,34 @@ class Models:
     def __init__(self, providers: list[Provider]):
         self.providers = providers
 
-    async def names(self) -> list[str]:
-        return [await provider.name() for provider in self.providers]
+    async def listing(self) -> list[tuple[str, str | None]]:
+        """Every model callers may ask for, and for each LoRA adapter a card
+        named, the model it adapts."""
+        entries: list[tuple[str, str | None]] = []
+        for provider in self.providers:
+            name = await provider.name()
+            entries += [(name, None), *((each, name) for each in provider.known_adapters())]
+        return entries
 
     async def chain(self, asked: str) -> list[Provider]:
-        """The providers that may serve `asked`, in order; 404 when none."""
+        """The providers that may serve `asked`, in order; 404 when none. A
+        card's adapter is a model of its own, as `vllm serve` has them, on
+        its one endpoint."""
         by_name = {await provider.name(): provider for provider in self.providers}
         first = by_name.get(asked)
-        if first is None:
-            raise ApiError(
-                404,
-                "The model does not exist here: GET /v1/models lists the models this gateway "
-                "serves.",
-                "invalid_request_error",
-                "model_not_found",
-                "model",
-                retry=False,
-            )
-        return [first, *(by_name[name] for name in first.fallbacks)]
+        if first is not None:
+            return [first, *(by_name[name] for name in first.fallbacks)]
+        for provider in self.providers:
+            if asked in provider.known_adapters():
+                return [provider.through(asked)]
+        raise ApiError(
+            404,
+            "The model does not exist here: GET /v1/models lists the models this gateway serves.",
+            "invalid_request_error",
+            "model_not_found",
+            "model",
+            retry=False,
+        )
 
     async def warm_up(self) -> None:
         """Names each model in the log once (asking a card where needed), so
@@ -244,6 +284,8 @@ class ModelConfig(pydantic.BaseModel):
     api_key_env: str = "RUNPOD_API_KEY"  # the variable that holds its RunPod API key
     encryption_key_env: str = "ENCRYPTION_KEY"  # the variable that holds its key
     fallbacks: list[str] = []  # the models that serve in its place, in order
+    # A LoRA adapter of the endpoint's worker, named in each request.
+    adapter: str | None = pydantic.Field(None, pattern=ADAPTER_NAME)
     timeout_s: float = pydantic.Field(client.DEFAULT_TIMEOUT_S, gt=0)
     max_retries: int = pydantic.Field(5, ge=0)  # of a 429, 5xx or lost connection
     poll_interval_s: float = pydantic.Field(client.DEFAULT_POLL_INTERVAL_S, gt=0)
@@ -312,7 +354,7 @@ def load_models(path: Path, environ: Mapping[str, str]) -> Models:
         except ValueError as error:  # a malformed key; the message never holds it
             raise ConfigError(f"model {name}: {model.encryption_key_env}: {error}") from None
         where = model.endpoint_id or model.base_url
-        providers.append(Provider(endpoint, where, name, tuple(model.fallbacks)))
+        providers.append(Provider(endpoint, where, name, tuple(model.fallbacks), model.adapter))
     return Models(providers)
 
 
@@ -483,7 +525,7 @@ class Gateway:
         record = RequestRecord(route=request.url.path)
         try:
             self._authorize(request)
-            names = await self.models.names()
+            entries = await self.models.listing()
         except ApiError as error:
             return self._failure(record, error)
         except ClientError as error:
@@ -491,8 +533,9 @@ class Gateway:
         record.status, record.outcome = 200, "completed"
         record.log()
         if "anthropic-version" in request.headers:  # the anthropic SDK's models.list()
+            names = [name for name, _parent in entries]
             return JSONResponse(anthropic_messages.model_list(names, self.started))
-        return JSONResponse(openai_chat.model_list(names, self.started))
+        return JSONResponse(openai_chat.model_list(entries, self.started))
 
     async def chat_completions(self, request: Request) -> Response:
         return await self._complete(request, openai_chat.ChatCompletionRequest)
@@ -575,7 +618,7 @@ class Gateway:
             name = await provider.name()
             record.served_by, record.endpoint = name, provider.where
             try:
-                stream = await provider.client.items(**wire)
+                stream = await provider.client.items(**provider.wire_request(wire))
                 record.job = stream.job.id
                 try:
                     first = await anext(stream)

@@ -504,12 +504,14 @@ class TextChunks(_Chunks):
         return _json(TextCompletion.model_construct(**self._head, choices=[choice]))
 
 
-def model_list(names: list[str], created: int) -> dict[str, Any]:
-    """`GET /v1/models`."""
-    models = [
-        Model(id=name, object="model", created=created, owned_by="runpod").model_dump(
-            exclude_unset=True
-        )
-        for name in names
-    ]
+def model_list(entries: list[tuple[str, str | None]], created: int) -> dict[str, Any]:
+    """`GET /v1/models`: each model, and each LoRA adapter with the model it
+    adapts as its `parent`, as `vllm serve` lists them."""
+    models = []
+    for name, parent in entries:
+        model = Model(id=name, object="model", created=created, owned_by="runpod")
+        listed = model.model_dump(exclude_unset=True)
+        if parent is not None:
+            listed["parent"] = parent
+        models.append(listed)
     return {"object": "list", "data": models}

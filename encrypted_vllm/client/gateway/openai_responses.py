@@ -129,7 +129,6 @@ _HOSTED_TOOLS = frozenset(
         "tool_search",
     }
 )
-_MEDIA_PARTS = frozenset({"input_image", "input_file", "input_audio"})
 
 # Refusals raised in validators are InvalidRequest, not ValueError: pydantic
 # lets them through, so they keep their own param and code.
@@ -150,18 +149,45 @@ class ContentPart(BaseModel):
     annotations: list[dict[str, Any]] | None = None
     logprobs: list[dict[str, Any]] | None = None
 
-    @field_validator("type", mode="before")
-    @classmethod
-    def _text_only(cls, value: Any) -> Any:
-        if value in _MEDIA_PARTS:
-            raise ValueError("image, audio and file content parts are not supported")
-        return value
-
     def to_wire(self) -> dict[str, Any]:
         return {"type": "text", "text": self.text}
 
 
-def _content(content: str | list[ContentPart]) -> str | list[dict[str, Any]]:
+class ImagePart(BaseModel):
+    """`input_image`: an image by its `image_url`, a data: URL (or an
+    http(s) URL, which the worker fetches only where its ALLOW_IMAGE_URLS
+    allows); it becomes the wire's `image_url` part. A `file_id` would need
+    OpenAI's file storage."""
+
+    model_config = _OPENAI
+
+    type: Literal["input_image"]
+    image_url: str
+    detail: Literal["auto", "low", "high", "original"] | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        # "original" is OpenAI's own resizing rule: vLLM sizes images by the model.
+        detail = {"detail": self.detail} if self.detail in ("auto", "low", "high") else {}
+        return {"type": "image_url", "image_url": {"url": self.image_url, **detail}}
+
+
+def _part_tag(value: Any) -> str | None:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return {"input_text": "Text", "output_text": "Text", "input_image": "Image"}.get(kind)
+
+
+MessagePart = Annotated[
+    Annotated[ContentPart, Tag("Text")] | Annotated[ImagePart, Tag("Image")],
+    Discriminator(
+        _part_tag,
+        custom_error_type="unsupported_content",
+        custom_error_message="a message's content parts are input_text and input_image "
+        "(audio and files are not supported)",
+    ),
+]
+
+
+def _content(content: str | list[ContentPart | ImagePart]) -> str | list[dict[str, Any]]:
     return content if isinstance(content, str) else [part.to_wire() for part in content]
 
 
@@ -175,7 +201,7 @@ class MessageItem(BaseModel):
 
     type: Literal["message"] = "message"
     role: Literal["user", "assistant", "system", "developer"]
-    content: str | list[ContentPart]
+    content: str | list[MessagePart]
     # Sent back with an answer; not sent on (module rules).
     id: str | None = None
     status: _ItemStatus | None = None
@@ -210,7 +236,7 @@ class FunctionCallOutputItem(BaseModel):
 
     type: Literal["function_call_output"]
     call_id: str
-    output: str | list[ContentPart]
+    output: str | list[MessagePart]
     id: str | None = None
     status: _ItemStatus | None = None
 

@@ -305,8 +305,8 @@ def test_a_wrong_key_is_anthropics_authentication_error(gateway):
                         "content": [
                             {"type": "text", "text": "What is this?"},
                             {
-                                "type": "image",
-                                "source": {"type": "url", "url": "https://example.com/a.png"},
+                                "type": "document",
+                                "source": {"type": "url", "url": "https://example.com/a.pdf"},
                             },
                         ],
                     }
