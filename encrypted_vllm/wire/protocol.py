@@ -268,7 +268,7 @@ class ImagePart(BaseModel):
     image_url: ImageURL
 
 
-# OpenAI's other content parts: recognised, so that the refusal can say why.
+# Other kinds of content part (audio, files, other APIs' images): refused saying what is allowed.
 _MEDIA_PARTS = {"input_audio", "file", "image", "audio", "video_url", "input_image"}
 
 
@@ -278,7 +278,7 @@ def _known_parts(value: Any, images: bool) -> Any:
         for part in value:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind in _MEDIA_PARTS:
-                raise _refuse("audio, file and video content parts are not supported")
+                raise _refuse("content parts are text, and image_url in user messages")
             if kind == "image_url" and not images:
                 raise _refuse("only user messages hold images")
     return value

@@ -29,6 +29,10 @@ Rules:
   the same posts (each item to the job-stream URL, then the aggregate to
   job-done, with the SDK's retries of a 5xx), without what the SDK spends
   on every item besides the post (see `stream_job`).
+- The jobs in hand reach the SDK's heartbeat, which reports them to RunPod
+  with every ping, through the SDK's own state file, written at most once
+  per HEARTBEAT_WRITE_S rather than on every job taken and ended
+  (`HeartbeatJobs`), and once more when the loop ends.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from runpod.http_client import AsyncClientSession, ClientSession, TooManyRequest
 from runpod.serverless.modules import rp_http, rp_scale
 from runpod.serverless.modules.rp_http import send_result
 from runpod.serverless.modules.rp_job import _job_stop_url, get_stop_signals
+from runpod.serverless.modules.worker_state import Job, JobsProgress
 
 SDK_VERSION = "1.10.0"
 # How long a stopping worker waits for a job-take answer that may be on its
@@ -60,6 +65,49 @@ log = rp_scale.log  # the SDK's own logger, at RUNPOD_LOG_LEVEL
 POST_HEADERS = {"charset": "utf-8", "Content-Type": "application/x-www-form-urlencoded"}
 POST_RETRY_WAITS_S = (2.0, 3.0)
 INTERNAL_ERROR = "ENGINE_ERROR: internal error in the worker"
+# How stale the heartbeat's list of jobs in hand may be: a tenth of the
+# SDK's default ping interval (RUNPOD_PING_INTERVAL, 10 s), at which the
+# heartbeat process reads it.
+HEARTBEAT_WRITE_S = 1.0
+
+
+class HeartbeatJobs:
+    """The jobs in hand, as the SDK's heartbeat process reads them: the SDK's
+    `JobsProgress` (a set, and the pickle file it shares with that process),
+    written at most once per `write_s` after a change, where the SDK writes
+    it on every job added and removed (a file lock, a pickle, a temporary
+    file and a rename each time: 12% of the worker process's CPU samples at
+    64 streams, profiled with py-spy; docs/benchmarks.md)."""
+
+    def __init__(self, write_s: float = HEARTBEAT_WRITE_S):
+        self.jobs = JobsProgress()
+        self.write_s = write_s
+        self._pending: asyncio.TimerHandle | None = None
+
+    def add(self, job: dict) -> None:
+        set.add(self.jobs, Job(**job))
+        self._changed()
+
+    def remove(self, job: dict) -> None:
+        set.discard(self.jobs, Job(**job))
+        self._changed()
+
+    def get(self, job_id: str) -> Job | None:
+        return self.jobs.get(job_id)
+
+    def get_job_count(self) -> int:
+        return len(self.jobs)
+
+    def write(self) -> None:
+        """Write the file now (and cancel a pending write)."""
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
+        self.jobs._save_state()
+
+    def _changed(self) -> None:
+        if self._pending is None:
+            self._pending = asyncio.get_running_loop().call_later(self.write_s, self.write)
 
 
 async def stream_job(session: ClientSession, config: dict[str, Any], job: dict) -> None:
@@ -129,6 +177,7 @@ class EventJobScaler(rp_scale.JobScaler):
     ):
         super().__init__(config)
         self.jobs_handler = stream_job
+        self.job_progress = HeartbeatJobs()
         self.grace_s, self.cancel_after_s = grace_s, cancel_after_s
         self.on_grace_expired = on_grace_expired
         # The error of a job still running when even the grace's end did
@@ -309,6 +358,7 @@ class EventJobScaler(rp_scale.JobScaler):
                 stops.cancel()
                 await asyncio.gather(take, stops, stopping, return_exceptions=True)
         finally:
+            self.job_progress.write()  # no pending write outlives the loop
             for signum in signals:
                 loop.remove_signal_handler(signum)
 
@@ -335,7 +385,6 @@ def run_worker(config: dict[str, Any], scaler: EventJobScaler) -> None:
     our scaler."""
     from runpod.serverless import worker as sdk_worker
     from runpod.serverless.modules.rp_fitness import run_fitness_checks
-    from runpod.serverless.modules.worker_state import JobsProgress
 
     # A new process has no job in hand; the SDK would count those an earlier
     # one left in ./.runpod_jobs.pkl, and never take a job at concurrency 1.

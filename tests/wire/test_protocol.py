@@ -174,7 +174,7 @@ def test_user_messages_hold_images_and_requests_name_adapters():
         ),
         (
             user_parts({"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}),
-            "audio, file and video content parts are not supported",
+            "content parts are text, and image_url in user messages",
         ),
         (user_parts({"type": "video"}), "a user message's content parts are text and image_url"),
         ({"prompt": "a", "adapter": "two words"}, "a request field has a value it does not allow"),

@@ -23,6 +23,38 @@ from encrypted_vllm.worker import job_loop
 from tests.jobs import greedy_text
 
 
+async def test_the_heartbeat_file_follows_the_jobs_in_hand_a_write_an_interval(
+    tmp_path, monkeypatch
+):
+    """The SDK's heartbeat process reads the jobs it reports to RunPod from
+    JobsProgress's file at each ping: it lags the jobs in hand by at most one
+    interval, and the jobs of one interval cost one write, not one each."""
+    state = tmp_path / "jobs.pkl"
+    monkeypatch.setattr(JobsProgress, "_STATE_FILE", str(state))
+    JobsProgress().clear()  # the file now says: none
+    jobs = job_loop.HeartbeatJobs(write_s=0.3)
+    writes = []
+    monkeypatch.setattr(jobs.jobs, "_save_state", lambda: writes.append(set(jobs.jobs)))
+
+    def reported() -> set[str]:
+        return {job.id for job in writes[-1]} if writes else set()
+
+    for number in range(20):
+        jobs.add({"id": f"job-{number}", "input": {}})
+    jobs.remove({"id": "job-0"})
+    assert (reported(), jobs.get_job_count()) == (set(), 19)  # not yet written
+    await asyncio.sleep(0.5)
+    assert len(writes) == 1 and reported() == {f"job-{number}" for number in range(1, 20)}
+    for number in range(1, 20):
+        jobs.remove({"id": f"job-{number}"})
+    await asyncio.sleep(0.5)
+    assert len(writes) == 2 and reported() == set()
+    jobs.add({"id": "last", "input": {}})
+    jobs.write()  # as the loop does when it ends: at once, no write left pending
+    await asyncio.sleep(0.5)
+    assert len(writes) == 3 and reported() == {"last"}
+
+
 async def test_a_job_stopped_before_its_task_first_runs_frees_its_slot(tmp_path, monkeypatch):
     # Seen in bench/soak.py: a cancel that reached the worker in the same
     # turn of its loop as the job's start left the job holding a slot.

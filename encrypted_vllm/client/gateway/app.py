@@ -24,6 +24,9 @@ Rules:
   keeps answering 429 or 5xx through the client's retries, or fails the job
   with ENGINE_ERROR or WORKER_STOPPED, all before the job's first item;
   never after it.
+- A worker's LoRA adapters are models of their own, as `vllm serve` has
+  them: those its card lets this gateway's key name (an endpoint named by
+  its card), or a --config model's `adapter`.
 - A caller that disconnects, before or during its answer, has its job
   cancelled at once.
 - Every API request logs one line: the model asked for (when it is one

@@ -25,7 +25,8 @@ Rules:
   drop earlier turns' reasoning (and as `openai_chat` does).
 - Names are translated, never meanings: `instructions` is a system message
   before `input`, a message's `developer` role is `system`, `input_text`
-  and `output_text` parts are text parts, `function_call` items are an
+  and `output_text` parts are text parts, `input_image` parts (by
+  `image_url`) are `image_url` parts, `function_call` items are an
   assistant message's `tool_calls` (consecutive ones, and the assistant
   message just before them, are one message), `function_call_output` items
   are tool messages, flat function tools are the wire's nested ones,
