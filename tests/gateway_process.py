@@ -4,6 +4,7 @@ an installed `encrypted-vllm-gateway`, on a free loopback port."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -61,3 +62,12 @@ class GatewayProcess:
             self.process.wait()
         assert self.process.returncode == -signal.SIGTERM, self.log()
         assert "Finished server process" in self.log()
+
+
+def in_front_of(live, log_dir: Path, **env: str) -> GatewayProcess:
+    """`python3 gateway.py` for the loopback endpoint of `live` (a
+    `tests.conftest.Live`), with its keys, and `env` besides."""
+    keys = {"RUNPOD_API_KEY": live.endpoint.api_key, "ENCRYPTION_KEY": live.key}
+    return GatewayProcess(
+        ["--base-url", live.serving.url], {**os.environ, **keys, **env}, log_dir / "gateway.log"
+    )

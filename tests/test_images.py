@@ -26,7 +26,7 @@ from encrypted_vllm.wire.protocol import ErrorCode
 from encrypted_vllm.worker import images
 from tests import tiny_vision_model
 from tests.conftest import worker_behind_endpoint
-from tests.gateway_process import GatewayProcess
+from tests.gateway_process import in_front_of
 from tests.jobs import GREEDY, only_error, open_all, run_job
 
 QUESTION = "What is this?"
@@ -278,13 +278,7 @@ async def test_a_text_only_model_refuses_images(worker, client_channel):
 def vision_gateway(vision_live, tmp_path_factory):
     """The gateway as a process, in front of the vision worker (the
     anthropic SDK takes no httpx client of the in-process gateway's kind)."""
-    env = {
-        **os.environ,
-        "RUNPOD_API_KEY": vision_live.endpoint.api_key,
-        "ENCRYPTION_KEY": vision_live.key,
-    }
-    log_path = tmp_path_factory.mktemp("vision-gateway") / "gateway.log"
-    process = GatewayProcess(["--base-url", vision_live.serving.url], env, log_path)
+    process = in_front_of(vision_live, tmp_path_factory.mktemp("vision-gateway"))
     yield process
     process.stop()
 

@@ -10,7 +10,6 @@ themselves (finish_reason `stop`), which the tiny random model's never do.
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import jsonschema
@@ -19,7 +18,7 @@ import pytest
 
 from encrypted_vllm.dev.english import looks_like_english
 from encrypted_vllm.wire import protocol
-from tests.gateway_process import GatewayProcess
+from tests.gateway_process import in_front_of
 from tests.jobs import WEATHER, chat_prompt_ids, greedy_text, open_all, run_job
 
 WORDS = re.compile(r"[A-Za-z][A-Za-z .'-]*")
@@ -150,13 +149,7 @@ async def test_a_streamed_answer_with_multibyte_characters_matches_the_whole_one
 
 @pytest.fixture(scope="module")
 def real_gateway(real_live, tmp_path_factory):
-    env = {
-        **os.environ,
-        "RUNPOD_API_KEY": real_live.endpoint.api_key,
-        "ENCRYPTION_KEY": real_live.key,
-    }
-    log_path = tmp_path_factory.mktemp("real-gateway") / "gateway.log"
-    process = GatewayProcess(["--base-url", real_live.serving.url], env, log_path)
+    process = in_front_of(real_live, tmp_path_factory.mktemp("real-gateway"))
     yield process
     process.stop()
 

@@ -4,12 +4,10 @@ the real model's (`real_gateway`). Callers must send GATEWAY_API_KEY."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from encrypted_vllm.wire import channel
-from tests.gateway_process import GatewayProcess
+from tests.gateway_process import GatewayProcess, in_front_of
 
 
 @pytest.fixture(scope="module")
@@ -18,13 +16,7 @@ def gateway_key() -> str:
 
 
 def _gateway(live, gateway_key: str, log_dir) -> GatewayProcess:
-    env = {
-        **os.environ,
-        "RUNPOD_API_KEY": live.endpoint.api_key,
-        "ENCRYPTION_KEY": live.key,
-        "GATEWAY_API_KEY": gateway_key,
-    }
-    return GatewayProcess(["--base-url", live.serving.url], env, log_dir / "gateway.log")
+    return in_front_of(live, log_dir, GATEWAY_API_KEY=gateway_key)
 
 
 @pytest.fixture(scope="module")
