@@ -40,7 +40,7 @@ from encrypted_vllm.worker.models import ModelRef, ModelSources
 # vLLM's default MAX_LORA_RANK (LoRAConfig.max_lora_rank).
 DEFAULT_MAX_LORA_RANK = 16
 UNKNOWN_ADAPTER = "the worker has no adapter of that name for this key"
-# Key fingerprints are this many hex digits (channel.Key.id).
+# A key's fingerprint (channel.Key.id): 8 hex digits.
 _KEY_ID = r"[0-9a-f]{8}"
 
 
@@ -63,8 +63,9 @@ class AdapterSpec(BaseModel):
 
 def parse_lora_modules(value: str) -> tuple[AdapterSpec, ...]:
     """LORA_MODULES: a JSON list of adapters, or `name=path` entries
-    separated by commas. ValueError says what is wrong, naming entries by
-    their name only (paths may be private folders, but not secrets)."""
+    separated by commas. ValueError says what is wrong, naming an entry by
+    its name, or by its path where the path is at fault (MODELS' rule:
+    paths and repo ids are not secrets)."""
     text = value.strip()
     if text.startswith("["):
         try:
