@@ -57,19 +57,29 @@ def worker_env(tiny_model_dir, key) -> dict[str, str]:
     }
 
 
+@contextlib.contextmanager
+def engine_for(env: dict[str, str]) -> Iterator:
+    """The engine `rp_handler.py` starts with these variables, in this
+    process (the ground truth of the tests); shut down when the context ends."""
+    from encrypted_vllm.worker import boot
+    from encrypted_vllm.worker.config import WorkerConfig
+
+    engine = boot.start_engine(WorkerConfig.from_env(env))
+    try:
+        yield engine
+    finally:
+        engine.shutdown()
+
+
 @pytest.fixture(scope="session")
 async def engine(worker_env):
     from vllm.utils.gc_utils import freeze_gc_heap
 
-    from encrypted_vllm.worker import boot
-    from encrypted_vllm.worker.config import WorkerConfig
-
-    engine = boot.start_engine(WorkerConfig.from_env(worker_env))
-    # The loopback endpoint serves from this process too: keep full garbage
-    # collections of the engine's start-up heap from pausing it.
-    freeze_gc_heap()
-    yield engine
-    engine.shutdown()
+    with engine_for(worker_env) as engine:
+        # The loopback endpoint serves from this process too: keep full garbage
+        # collections of the engine's start-up heap from pausing it.
+        freeze_gc_heap()
+        yield engine
 
 
 @pytest.fixture(scope="session")
@@ -240,12 +250,8 @@ def real_worker_env(real_model_dir, key) -> dict[str, str]:
 @pytest.fixture(scope="session")
 async def real_engine(real_worker_env):
     """The real model's engine in this process: the ground truth."""
-    from encrypted_vllm.worker import boot
-    from encrypted_vllm.worker.config import WorkerConfig
-
-    engine = boot.start_engine(WorkerConfig.from_env(real_worker_env))
-    yield engine
-    engine.shutdown()
+    with engine_for(real_worker_env) as engine:
+        yield engine
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from encrypted_vllm.dev import tiny_model
 from encrypted_vllm.wire import channel
 from encrypted_vllm.wire.protocol import ErrorCode
 from encrypted_vllm.worker.adapters import UNKNOWN_ADAPTER
-from tests.conftest import worker_behind_endpoint
+from tests.conftest import engine_for, worker_behind_endpoint
 from tests.jobs import chat_prompt_ids, greedy_text
 
 PROMPT = "The quick brown fox"
@@ -54,18 +54,21 @@ def lora_env(worker_env, adapter_dir, key, tenant_key) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-async def lora_engine(lora_env):
-    """The ground truth: an engine with the worker's configuration, in this
-    process, and the adapters as the worker resolves them."""
+async def truth(lora_env):
+    """The ground truth: vLLM's own greedy text for prompt tokens, through
+    an adapter by name (or none), on an engine with the worker's
+    configuration in this process, the adapters resolved as it resolves them."""
     from encrypted_vllm.worker import boot
     from encrypted_vllm.worker.config import WorkerConfig
 
-    config = WorkerConfig.from_env(lora_env)
-    adapters = boot.resolve_adapters(config)
-    engine = boot.start_engine(config)
-    engine.adapters = adapters
-    yield engine
-    engine.shutdown()
+    adapters = boot.resolve_adapters(WorkerConfig.from_env(lora_env))
+    with engine_for(lora_env) as engine:
+
+        async def greedy(prompt_ids: list[int], adapter: str | None = None) -> str:
+            lora = adapters.requests[adapter] if adapter else None
+            return await greedy_text(engine, prompt_ids, TOKENS, lora_request=lora)
+
+        yield greedy
 
 
 @pytest.fixture(scope="module")
@@ -75,18 +78,13 @@ def lora_live(lora_env, key, tmp_path_factory):
         yield served
 
 
-async def truth(engine, prompt_ids: list[int], adapter: str | None = None) -> str:
-    lora = engine.adapters.requests[adapter] if adapter else None
-    return await greedy_text(engine, prompt_ids, TOKENS, lora_request=lora)
-
-
 async def test_a_job_naming_an_adapter_streams_the_engines_greedy_text(
-    lora_live, lora_engine, hf_tokenizer
+    lora_live, truth, hf_tokenizer
 ):
     prompt_ids = hf_tokenizer(PROMPT)["input_ids"]
     adapted, base = (
-        await truth(lora_engine, prompt_ids, "tiny-lora"),
-        await truth(lora_engine, prompt_ids),
+        await truth(prompt_ids, "tiny-lora"),
+        await truth(prompt_ids),
     )
     assert adapted != base  # the adapter changes the answer
     async with lora_live.async_client() as client:
@@ -102,9 +100,9 @@ async def test_a_job_naming_an_adapter_streams_the_engines_greedy_text(
     assert without.text == base  # the same worker still serves the base model
 
 
-async def test_a_chat_names_an_adapter(lora_live, lora_engine, hf_tokenizer):
+async def test_a_chat_names_an_adapter(lora_live, truth, hf_tokenizer):
     messages = [{"role": "user", "content": PROMPT}]
-    expected = await truth(lora_engine, chat_prompt_ids(hf_tokenizer, messages), "tiny-lora")
+    expected = await truth(chat_prompt_ids(hf_tokenizer, messages), "tiny-lora")
     async with lora_live.async_client() as client:
         answer = await client.run_sync(
             messages=messages, adapter="tiny-lora", sampling_params=GREEDY
@@ -113,10 +111,10 @@ async def test_a_chat_names_an_adapter(lora_live, lora_engine, hf_tokenizer):
 
 
 async def test_an_adapter_bound_to_a_key_serves_that_key_alone(
-    lora_live, lora_engine, hf_tokenizer, tenant_key
+    lora_live, truth, hf_tokenizer, tenant_key
 ):
     prompt_ids = hf_tokenizer(PROMPT)["input_ids"]
-    expected = await truth(lora_engine, prompt_ids, "tenant-lora")
+    expected = await truth(prompt_ids, "tenant-lora")
     async with lora_live.async_client(encryption_key=tenant_key) as tenant:
         assert (
             await tenant.run_sync(PROMPT, adapter="tenant-lora", sampling_params=GREEDY)
@@ -133,15 +131,15 @@ async def test_an_adapter_bound_to_a_key_serves_that_key_alone(
         assert (await other.describe()).adapters == ("tiny-lora",)
         # The worker serves on.
         assert (await other.run_sync(PROMPT, sampling_params=GREEDY)).text == await truth(
-            lora_engine, prompt_ids
+            prompt_ids
         )
 
 
-async def test_the_gateway_serves_an_adapter_by_model_name(lora_live, lora_engine, hf_tokenizer):
+async def test_the_gateway_serves_an_adapter_by_model_name(lora_live, truth, hf_tokenizer):
     """As `vllm serve` does: the adapter is a model of its own in
     /v1/models, with the model it adapts as its parent."""
     messages = [{"role": "user", "content": PROMPT}]
-    expected = await truth(lora_engine, chat_prompt_ids(hf_tokenizer, messages), "tiny-lora")
+    expected = await truth(chat_prompt_ids(hf_tokenizer, messages), "tiny-lora")
     async with encrypted_vllm.AsyncOpenAI(
         base_url=lora_live.serving.url,
         api_key=lora_live.endpoint.api_key,
@@ -163,7 +161,7 @@ async def test_the_gateway_serves_an_adapter_by_model_name(lora_live, lora_engin
             await llm.chat.completions.create(model="tenant-lora", messages=messages)
 
 
-async def test_a_configured_model_names_its_adapter(lora_live, lora_engine, hf_tokenizer, tmp_path):
+async def test_a_configured_model_names_its_adapter(lora_live, truth, hf_tokenizer, tmp_path):
     """With --config, a model may stand for an adapter of its endpoint
     (`adapter = "..."`), and fall back to another model."""
     config = tmp_path / "gateway.toml"
@@ -189,6 +187,6 @@ base_url = "{lora_live.serving.url}"
             tuned = await llm.chat.completions.create(model="tuned", messages=messages, **greedy)
             plain = await llm.chat.completions.create(model="plain", messages=messages, **greedy)
             listed = [model.id async for model in llm.models.list()]
-    assert tuned.choices[0].message.content == await truth(lora_engine, prompt_ids, "tiny-lora")
-    assert plain.choices[0].message.content == await truth(lora_engine, prompt_ids)
+    assert tuned.choices[0].message.content == await truth(prompt_ids, "tiny-lora")
+    assert plain.choices[0].message.content == await truth(prompt_ids)
     assert (tuned.model, listed) == ("tuned", ["tuned", "plain"])

@@ -25,7 +25,7 @@ from encrypted_vllm.wire import protocol
 from encrypted_vllm.wire.protocol import ErrorCode
 from encrypted_vllm.worker import images
 from tests import tiny_vision_model
-from tests.conftest import worker_behind_endpoint
+from tests.conftest import engine_for, worker_behind_endpoint
 from tests.gateway_process import in_front_of
 from tests.jobs import GREEDY, only_error, open_all, run_job
 
@@ -72,12 +72,8 @@ def vision_env(vision_model_dir, key) -> dict[str, str]:
 @pytest.fixture(scope="module")
 async def vision_engine(vision_env):
     """The ground truth, in this process, with the worker's configuration."""
-    from encrypted_vllm.worker import boot
-    from encrypted_vllm.worker.config import WorkerConfig
-
-    engine = boot.start_engine(WorkerConfig.from_env(vision_env))
-    yield engine
-    engine.shutdown()
+    with engine_for(vision_env) as engine:
+        yield engine
 
 
 @pytest.fixture(scope="module")

@@ -788,7 +788,7 @@ class WorkerCard:
     adapters: tuple[str, ...] = ()  # the LoRA adapters the asking key may name (v1.4)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "adapters": list(self.adapters)}
+        return dict(self.__dict__)
 
     @classmethod
     def from_dict(cls, body: dict[str, Any]) -> WorkerCard:

@@ -21,9 +21,8 @@ Rules:
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vllm import PoolingParams, SamplingParams
@@ -648,5 +647,5 @@ class Delta:
 def describe(planner: Planner, key_id: str | None = None) -> StreamItem:
     """The answer to `{"describe": true}`: the worker's card, in one item,
     naming the adapters that the asking key may use."""
-    card = dataclasses.replace(planner.card, adapters=planner.adapters.names_for(key_id))
+    card = replace(planner.card, adapters=planner.adapters.names_for(key_id))
     return StreamItem(card=card, finish_reason="stop", usage=Usage(0, 0))

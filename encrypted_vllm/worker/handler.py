@@ -28,7 +28,6 @@ import logging
 import time
 import traceback
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import aclosing
 
 from vllm.engine.async_llm_engine import AsyncLLMEngine
 from vllm.exceptions import VLLMClientError
@@ -169,7 +168,7 @@ class Worker:
                 items = self.generate(request, record, cache_salt)
             if self.shaper is not None:
                 items = self.shaper.shape(items, record.received)
-            async with aclosing(items):
+            async with contextlib.aclosing(items):
                 async for item in items:
                     if not item.empty:
                         record.last_item = time.monotonic()
@@ -249,7 +248,7 @@ class Worker:
         try:
             with self._engine_failures(job, request_id, refused, "generation failed"):
                 # aclosing: leaving this loop early closes the engine's stream too.
-                async with aclosing(outputs):
+                async with contextlib.aclosing(outputs):
                     while True:
                         self._in_engine.add(job)
                         try:
