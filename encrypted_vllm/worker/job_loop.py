@@ -13,8 +13,9 @@ channel.
 Rules:
 - Pinned to runpod 1.10.0 (tests/worker/test_job_loop.py checks the version): it
   overrides `get_jobs`, `run_jobs`, `handle_job`, `monitor_stop_signals`,
-  `current_occupancy`, `kill_worker` and `start`, and uses the attributes
-  those read.
+  `current_occupancy`, `kill_worker` and `start`, uses the attributes
+  those read, and rebinds `rp_job.job_progress`, which the SDK's job take
+  reads.
 - SIGTERM or SIGINT (or `stop()`) stops taking jobs at once, lets the jobs
   in hand run for `grace_s`, then asks them to end (`on_grace_expired`),
   and cancels whatever is left `cancel_after_s` later, posting its failure.
@@ -32,7 +33,9 @@ Rules:
 - The jobs in hand reach the SDK's heartbeat, which reports them to RunPod
   with every ping, through the SDK's own state file, written at most once
   per HEARTBEAT_WRITE_S rather than on every job taken and ended
-  (`HeartbeatJobs`), and once more when the loop ends.
+  (`HeartbeatJobs`), and once more when the loop ends. In this process
+  memory is the truth and the file only follows it: nothing here reads
+  the file back (see `HeartbeatJobs.get_job_list`).
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from typing import Any
 
 import aiohttp
 from runpod.http_client import AsyncClientSession, ClientSession, TooManyRequests
-from runpod.serverless.modules import rp_http, rp_scale
+from runpod.serverless.modules import rp_http, rp_job, rp_scale
 from runpod.serverless.modules.rp_http import send_result
 from runpod.serverless.modules.rp_job import _job_stop_url, get_stop_signals
 from runpod.serverless.modules.worker_state import Job, JobsProgress
@@ -97,6 +100,14 @@ class HeartbeatJobs:
 
     def get_job_count(self) -> int:
         return len(self.jobs)
+
+    def get_job_list(self) -> str | None:
+        """The jobs in hand as the SDK's job take reports them to RunPod
+        (`job_in_progress`), from memory. The SDK's own reloads its set from
+        the file first, which here lags memory by up to `write_s`: a job
+        ended since the last write came back, for good (seen at 64 streams:
+        hundreds of ended jobs reported in hand, a heartbeat URL past 8 KB)."""
+        return ",".join(job.id for job in self.jobs) or None
 
     def write(self) -> None:
         """Write the file now (and cancel a pending write)."""
@@ -178,6 +189,9 @@ class EventJobScaler(rp_scale.JobScaler):
         super().__init__(config)
         self.jobs_handler = stream_job
         self.job_progress = HeartbeatJobs()
+        # The SDK's job take (`rp_job.get_job`) asks this module-level
+        # JobsProgress for the jobs in hand.
+        rp_job.job_progress = self.job_progress
         self.grace_s, self.cancel_after_s = grace_s, cancel_after_s
         self.on_grace_expired = on_grace_expired
         # The error of a job still running when even the grace's end did

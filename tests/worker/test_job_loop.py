@@ -55,6 +55,41 @@ async def test_the_heartbeat_file_follows_the_jobs_in_hand_a_write_an_interval(
     assert len(writes) == 3 and reported() == {"last"}
 
 
+async def test_a_job_take_brings_back_no_ended_job(tmp_path, monkeypatch):
+    """The SDK's job take tells RunPod whether jobs are in hand
+    (`job_in_progress`) from rp_job's JobsProgress, whose own list reloads
+    the heartbeat's file first; that file lags memory by up to a second, and
+    every job ended since its last write came back, for good (seen in
+    bench/production.py at 64 streams: 300 ended jobs in hand, growing)."""
+    import aiohttp
+    import httpx
+    from runpod.serverless.modules import rp_job
+
+    monkeypatch.setattr(JobsProgress, "_STATE_FILE", str(tmp_path / "jobs.pkl"))
+    JobsProgress().clear()  # the SDK's one set, as a new process has it
+    monkeypatch.setattr(rp_job, "job_progress", rp_job.job_progress)  # the scaler rebinds it
+    scaler = job_loop.EventJobScaler({"handler": lambda job: None}, grace_s=1)
+    jobs = scaler.job_progress
+    jobs.add({"id": "ended", "input": {}})
+    jobs.write()  # the heartbeat's file: "ended" in hand
+    jobs.remove({"id": "ended", "input": {}})  # ended; not yet written
+    with local_endpoint.Serving(local_endpoint.LocalEndpoint()) as serving:
+        endpoint, env = serving.endpoint, serving.worker_env("w")
+        take_url = env["RUNPOD_WEBHOOK_GET_JOB"].replace("$ID", "w")
+        monkeypatch.setattr(rp_job, "JOB_GET_URL", take_url)
+        bearer = {"Authorization": f"Bearer {endpoint.api_key}"}
+        job_id = httpx.post(f"{serving.url}/run", json={"input": {}}, headers=bearer).json()["id"]
+        assert rp_job._job_get_url().endswith("&job_in_progress=0")
+        async with aiohttp.ClientSession(headers={"Authorization": endpoint.api_key}) as session:
+            taken = await scaler.jobs_fetcher(session, 1)  # the SDK's own take
+        assert [job["id"] for job in taken] == [job_id]
+        jobs.add(taken[0])
+        assert {job.id for job in jobs.jobs} == {job_id}
+        assert rp_job._job_get_url().endswith("&job_in_progress=1")
+        jobs.remove(taken[0])
+        assert (jobs.get_job_count(), rp_job._job_get_url()[-18:]) == (0, "&job_in_progress=0")
+
+
 async def test_a_job_stopped_before_its_task_first_runs_frees_its_slot(tmp_path, monkeypatch):
     # Seen in bench/soak.py: a cancel that reached the worker in the same
     # turn of its loop as the job's start left the job holding a slot.
