@@ -1,13 +1,18 @@
 """The jobs-in-progress file that the runpod SDK's heartbeat reads: CPU per
-job taken and ended with the SDK's `JobsProgress` (the file rewritten at
-each) against `job_loop.HeartbeatJobs` (written at most once a second), in
-one process, side by side.
+job taken and ended with the SDK's `JobsProgress` (the file read back at
+each job take, rewritten at each job added and ended) against
+`job_loop.HeartbeatJobs` (memory, written at most once a second), in one
+process, side by side.
 
     .venv/bin/python bench/job_state.py [--jobs 2000] [--in-hand 64] [--rounds 3]
 
-Each round adds and removes --jobs jobs one after the other while --in-hand
-others stay in the set, as at that many streams; the state file goes to a
-temporary folder. Reported per round: CPU microseconds per job, each way.
+Each round takes, adds and removes --jobs jobs one after the other while
+--in-hand others stay in the set, as at that many streams: a take asks for
+the jobs in hand (`get_job_list`, as `rp_job.get_job` does for its URL's
+`job_in_progress`), then the job is added and removed. Each job's input is
+a sealed request's size (INPUT_CHARS of ciphertext), as the SDK keeps it
+in the set and its file. The state file goes to a temporary folder.
+Reported per round: CPU microseconds per job, each way.
 """
 
 from __future__ import annotations
@@ -26,13 +31,16 @@ from runpod.serverless.modules.worker_state import JobsProgress  # noqa: E402
 
 from encrypted_vllm.worker.job_loop import HeartbeatJobs  # noqa: E402
 
+INPUT_CHARS = 1464  # "Sanity check." as a chat request, sealed (its padding bucket)
+
 
 def per_job(state, jobs: list[dict], in_hand: int) -> float:
-    """CPU seconds per job added and removed, with `in_hand` jobs held."""
+    """CPU seconds per job taken, added and removed, with `in_hand` jobs held."""
     for job in jobs[:in_hand]:
         state.add(job)
     started = time.process_time()
     for job in jobs[in_hand:]:
+        state.get_job_list()  # the job take's `job_in_progress`
         state.add(job)
         state.remove(job)
     return (time.process_time() - started) / (len(jobs) - in_hand)
@@ -52,7 +60,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     JobsProgress._STATE_FILE = os.path.join(tempfile.mkdtemp(), "jobs.pkl")
-    jobs = [{"id": f"job-{number:06d}", "input": {}} for number in range(args.jobs + args.in_hand)]
+    jobs = [
+        {"id": f"job-{number:06d}", "input": {"ciphertext": "x" * INPUT_CHARS}}
+        for number in range(args.jobs + args.in_hand)
+    ]
     for round_ in range(1, args.rounds + 1):
         JobsProgress().clear()
         sdk = per_job(JobsProgress(), jobs, args.in_hand)

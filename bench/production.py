@@ -50,6 +50,10 @@ records of each job (`Job.taken`, `Job.posts`), per side and round:
   take to its last stream post;
 - TTFT: from a job's take to its first stream post (p50 of the round;
   p50 and p95 over all rounds in the table);
+- stream tokens/s: a job's tokens after its first post over the time from
+  that post to its last (the round's median job): the pace of a stream
+  once it runs, which is the engine's own wherever the side keeps up with
+  it, so that what a side gains or loses at a job's start shows apart;
 - posts/job: RunPod stream posts (job-stream) a job, job-done not counted;
 - CPU s per 1000 tokens: user and system CPU of all of the side's
   processes during the round (psutil): the worker's process tree; for the
@@ -402,6 +406,10 @@ class Level:
 
     rates: list[float] = field(default_factory=list)  # tokens/s of each round
     ttft_p50s: list[float] = field(default_factory=list)  # seconds, each round
+    # A stream's own pace: tokens after the first post over the time to the
+    # last, per job (median of the round): the engine's speed when the side
+    # keeps up with it, whatever its jobs' starts cost.
+    stream_rates: list[float] = field(default_factory=list)
     posts_per_job: list[float] = field(default_factory=list)  # each round
     cpu_per_kt: list[float] = field(default_factory=list)  # CPU s per 1000 tokens, each round
     # The same by process (see Side.cpu), each round.
@@ -417,10 +425,12 @@ class Level:
             "tokens_per_s": round(statistics.median(self.rates), 1),
             "ttft_p50_ms": _ms(_percentile(self.ttfts, 50)),
             "ttft_p95_ms": _ms(_percentile(self.ttfts, 95)),
+            "stream_tokens_per_s": round(statistics.median(self.stream_rates), 1),
             "posts_per_job": round(statistics.fmean(self.posts), 2),
             "cpu_s_per_1000_tokens": round(statistics.median(self.cpu_per_kt), 3),
             "round_tokens_per_s": [round(rate, 1) for rate in self.rates],
             "round_ttft_p50_ms": [_ms(ttft) for ttft in self.ttft_p50s],
+            "round_stream_tokens_per_s": [round(rate, 1) for rate in self.stream_rates],
             "round_posts_per_job": [round(posts, 2) for posts in self.posts_per_job],
             "round_cpu_s_per_1000_tokens": [round(cpu, 3) for cpu in self.cpu_per_kt],
             "cpu_s_per_1000_tokens_by_process": {
@@ -477,6 +487,7 @@ async def run_round(
     total = sum(count for count, _ in read)
     level.rates.append(total / span_s)
     level.ttft_p50s.append(statistics.median(ttfts))
+    level.stream_rates.append(_stream_rate(jobs, tokens))
     level.posts_per_job.append(statistics.fmean(len(job.posts) for job in jobs))
     level.cpu_per_kt.append(sum(cpu_parts.values()) / total * 1000)
     level.cpu_parts.append({name: cpu / total * 1000 for name, cpu in cpu_parts.items()})
@@ -485,6 +496,17 @@ async def run_round(
     for index, (_, text) in enumerate(read):
         if text is not None:
             level.texts[index] = text
+
+
+def _stream_rate(jobs: list[local_endpoint.Job], tokens: int) -> float:
+    """The median job's tokens after its first post over the time from its
+    first post to its last (jobs answered in one post left out)."""
+    rates = [
+        (tokens - 1) / (job.posts[-1][0] - job.posts[0][0])
+        for job in jobs
+        if job.posts[-1][0] > job.posts[0][0]
+    ]
+    return statistics.median(rates) if rates else float("nan")
 
 
 async def measure(sides: list[Side], args, prompts: list[str]) -> dict[int, dict[str, Level]]:
@@ -530,6 +552,7 @@ def compare(ours: Level, other: Level) -> dict:
     for key, attribute in (
         ("tokens_per_s", "rates"),
         ("ttft_p50", "ttft_p50s"),
+        ("stream_tokens_per_s", "stream_rates"),
         ("posts_per_job", "posts_per_job"),
         ("cpu_per_token", "cpu_per_kt"),
     ):
@@ -577,12 +600,13 @@ def goals(ratios: dict, concurrency: int, other: str, model_kind: str, same_text
 
 def report(rows: dict[int, dict[str, Level]], args, other: str, model_kind: str) -> dict:
     head = (
-        f"{'C':>4} {'side':9} {'tok/s':>9} {'TTFT p50':>9} {'p95':>9} {'posts/job':>9} "
-        f"{'CPU s/kt':>8}  (by process)"
+        f"{'C':>4} {'side':9} {'tok/s':>9} {'TTFT p50':>9} {'p95':>9} {'stream':>8} "
+        f"{'posts/job':>9} {'CPU s/kt':>8}  (by process)"
     )
     print(
         f"\n{args.tokens} tokens a stream, greedy, ignore_eos; TTFT in ms from job take to "
-        f"first post\n\n{head}\n{'-' * len(head)}"
+        f"first post; stream: a job's tokens/s from its first post to its last"
+        f"\n\n{head}\n{'-' * len(head)}"
     )
     table = {}
     for concurrency, levels in rows.items():
@@ -595,7 +619,8 @@ def report(rows: dict[int, dict[str, Level]], args, other: str, model_kind: str)
         for name, s in summary.items():
             print(
                 f"{concurrency:4d} {name:9} {s['tokens_per_s']:9.1f} {s['ttft_p50_ms']:9.2f} "
-                f"{s['ttft_p95_ms']:9.2f} {s['posts_per_job']:9.2f} "
+                f"{s['ttft_p95_ms']:9.2f} {s['stream_tokens_per_s']:8.1f} "
+                f"{s['posts_per_job']:9.2f} "
                 f"{s['cpu_s_per_1000_tokens']:8.3f}  ("
                 + ", ".join(
                     f"{part} {cpu:.3f}"
@@ -606,7 +631,10 @@ def report(rows: dict[int, dict[str, Level]], args, other: str, model_kind: str)
         print(
             f"{'':4} ours/{other}: tok/s x{ratios['tokens_per_s']:.3f} "
             f"{_interval(ratios['tokens_per_s_ci95'])}  TTFT x{ratios['ttft_p50']:.3f} "
-            f"{_interval(ratios['ttft_p50_ci95'])}  posts x{ratios['posts_per_job']:.3f} "
+            f"{_interval(ratios['ttft_p50_ci95'])}  "
+            f"stream x{ratios['stream_tokens_per_s']:.3f} "
+            f"{_interval(ratios['stream_tokens_per_s_ci95'])}  "
+            f"posts x{ratios['posts_per_job']:.3f} "
             f"{_interval(ratios['posts_per_job_ci95'])}  CPU/token x{ratios['cpu_per_token']:.3f} "
             f"{_interval(ratios['cpu_per_token_ci95'])}  ({ratios['pairs']} pairs; "
             f"greedy text of {len(checked)} jobs: {'same' if same_text else 'DIFFERENT'})"
