@@ -89,6 +89,7 @@ async def test_a_job_take_brings_back_no_ended_job(tmp_path, monkeypatch):
         jobs.remove(taken[0])
         assert jobs.get_job_count() == 0
         assert rp_job._job_get_url().endswith("&job_in_progress=0")
+    jobs.write()  # as the loop ends: no write left pending on the tests' shared event loop
 
 
 async def test_a_job_stopped_before_its_task_first_runs_frees_its_slot(tmp_path, monkeypatch):
@@ -106,6 +107,7 @@ async def test_a_job_stopped_before_its_task_first_runs_frees_its_slot(tmp_path,
     assert task.cancelled()
     assert scaler.current_occupancy() == 0
     assert scaler.job_progress.get(job["id"]) is None
+    scaler.job_progress.write()  # no write left pending
 
 
 async def _take_and_run(serving, handler) -> local_endpoint.Job:
